@@ -1,0 +1,175 @@
+"""The transfer-learning classifier: a ResNet50 backbone with a new head.
+
+Raw ``uint8`` images go in; resizing, grey-to-RGB and ResNet50's own
+``preprocess_input`` happen inside the model, so client, server and a saved
+``.keras`` file all see the same preprocessing.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from keras import layers, ops
+from keras.applications import resnet50
+
+HEAD = "head"
+FINE_TUNE = "fine-tune"
+PHASES = (HEAD, FINE_TUNE)
+# Keras' ResNet50 stops working below 32x32 (five stride-2 stages).
+MIN_INPUT_SIZE = 32
+# Layers in Keras' ResNet50 without top (input layer included), and those of
+# them from ``conv5_block1_1_conv`` to ``conv5_block3_out``.
+BACKBONE_LAYERS = 175
+CONV5_LAYERS = 32
+BACKBONE = "resnet50"
+
+
+@keras.saving.register_keras_serializable(package="fl_app")
+class ImagePreprocessing(layers.Layer):
+    """Turn ``uint8`` images (grey or RGB, any size) into ResNet50 input.
+
+    Parameters
+    ----------
+    size : int
+        Side length, in pixels, of the square images the backbone sees.
+
+    """
+
+    def __init__(self, size: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.size = size
+
+    def call(self, images):
+        """Cast, expand grey to RGB, resize, then normalise as ResNet50 expects."""
+        x = ops.cast(images, "float32")
+        if x.shape[-1] == 1:
+            x = ops.repeat(x, 3, axis=-1)
+        x = ops.image.resize(x, (self.size, self.size))
+        return resnet50.preprocess_input(x)
+
+    def compute_output_shape(self, input_shape):
+        """Square RGB images of side ``size``."""
+        return (input_shape[0], self.size, self.size, 3)
+
+    def get_config(self) -> dict:
+        """Layer config, so saved models rebuild the layer."""
+        return {**super().get_config(), "size": self.size}
+
+
+def build_model(
+    num_classes: int,
+    image_shape: tuple[int, ...],
+    input_size: int = MIN_INPUT_SIZE,
+    backbone_weights: str | None = None,
+) -> keras.Model:
+    """Build the classifier: preprocessing, ResNet50, pooling, Dense 128, softmax.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of output classes.
+    image_shape : tuple of int
+        Shape of one raw image, ``(height, width, channels)`` with 1 or 3 channels.
+    input_size : int
+        Side length the images are resized to before the backbone (>= 32).
+    backbone_weights : str or None
+        Passed to ``keras.applications.ResNet50``: ``None``, ``"imagenet"`` or the
+        path of a no-top ResNet50 weights file.
+
+    Returns
+    -------
+    keras.Model
+        The uncompiled model, in the head phase (backbone frozen).
+
+    """
+    if input_size < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"input-size={input_size} is too small: ResNet50 needs >= {MIN_INPUT_SIZE}"
+        )
+    inputs = keras.Input(shape=image_shape, dtype="uint8", name="image")
+    x = ImagePreprocessing(input_size, name="preprocessing")(inputs)
+    base = keras.applications.ResNet50(
+        include_top=False,
+        weights=backbone_weights,
+        input_shape=(input_size, input_size, 3),
+    )
+    base.trainable = False
+    x = base(x)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = layers.Dense(128, activation="relu", name="head_dense")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="fl_app_classifier")
+
+
+def set_phase(model: keras.Model, phase: str, fine_tune_layers: int) -> bool:
+    """Freeze or unfreeze the backbone for a phase of the transfer schedule.
+
+    ``head`` freezes the whole backbone; ``fine-tune`` unfreezes its last
+    ``fine_tune_layers`` layers except BatchNormalization, which stays frozen
+    and so in inference mode on its pretrained statistics. Returns whether any
+    trainable flag changed, in which case the model must be compiled again.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase={phase!r} is not one of {', '.join(PHASES)}")
+    base = model.get_layer(BACKBONE)
+    if not 0 <= fine_tune_layers <= len(base.layers):
+        raise ValueError(
+            f"fine-tune-layers={fine_tune_layers} is out of range: "
+            f"0..{len(base.layers)} layers in {BACKBONE}"
+        )
+    before = [layer.trainable for layer in base.layers]
+    first_trainable = len(base.layers) - (fine_tune_layers if phase == FINE_TUNE else 0)
+    # Setting base.trainable flips every sublayer; then re-freeze the prefix.
+    # (A nested model's training=False is overridden by fit's training=True in
+    # Keras 3, so freezing is what keeps BatchNorm in inference mode.)
+    base.trainable = first_trainable < len(base.layers)
+    for i, layer in enumerate(base.layers):
+        if i < first_trainable or isinstance(layer, layers.BatchNormalization):
+            layer.trainable = False
+    return before != [layer.trainable for layer in base.layers]
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> None:
+    """Compile with Adam and sparse categorical cross-entropy."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    # Built now rather than at the first fit, so that a model saved before any
+    # training (the server's) reloads its optimizer without a mismatch warning.
+    model.optimizer.build(model.trainable_variables)
+
+
+def reset_optimizer(model: keras.Model, learning_rate: float) -> None:
+    """Zero the optimizer's step and moments and set its learning rate.
+
+    Federated rounds start from fresh optimizer state; reusing the compiled
+    model (to avoid a retrace) must not carry moments across rounds or clients.
+    """
+    for variable in model.optimizer.variables:
+        variable.assign(ops.zeros_like(variable))
+    model.optimizer.learning_rate.assign(learning_rate)
+
+
+def to_arrayrecord(model: keras.Model) -> ArrayRecord:
+    """All model variables (trainable or not), keyed by their Keras path."""
+    return ArrayRecord({v.path: Array(np.asarray(v.numpy())) for v in model.weights})
+
+
+def load_arrayrecord(model: keras.Model, arrays: ArrayRecord) -> None:
+    """Set every model variable from an ArrayRecord made by ``to_arrayrecord``."""
+    expected = [v.path for v in model.weights]
+    if list(arrays.keys()) != expected:
+        missing = sorted(set(expected) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(expected))
+        raise ValueError(
+            f"arrays do not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    model.set_weights([arrays[key].numpy() for key in expected])
+
+
+def trainable_parameter_count(model: keras.Model) -> int:
+    """Number of scalar parameters that training updates."""
+    return int(sum(np.prod(v.shape) for v in model.trainable_weights))

@@ -1,0 +1,148 @@
+"""The ResNet50 transfer model: architecture, phases, preprocessing, weight exchange."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from keras.applications import resnet50
+
+from fl_app.model import (
+    BACKBONE,
+    BACKBONE_LAYERS,
+    CONV5_LAYERS,
+    FINE_TUNE,
+    HEAD,
+    ImagePreprocessing,
+    build_model,
+    compile_model,
+    load_arrayrecord,
+    reset_optimizer,
+    set_phase,
+    to_arrayrecord,
+    trainable_parameter_count,
+)
+
+NUM_CLASSES = 10
+HEAD_PARAMS = 2048 * 128 + 128 + 128 * NUM_CLASSES + NUM_CLASSES
+
+
+@pytest.fixture(scope="module")
+def model() -> keras.Model:
+    return build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
+
+
+def _numpy(variable) -> np.ndarray:
+    return np.array(variable.numpy())
+
+
+def test_architecture_is_resnet50_then_pool_dense128_softmax(model):
+    names = [layer.name for layer in model.layers]
+    assert names == ["image", "preprocessing", BACKBONE, "avg_pool", "head_dense", "predictions"]
+    base = model.get_layer(BACKBONE)
+    assert len(base.layers) == BACKBONE_LAYERS
+    assert base.layers[-CONV5_LAYERS].name == "conv5_block1_1_conv"
+    assert base.count_params() == 23_587_712  # ResNet50 without top
+    assert model.get_layer("head_dense").units == 128
+    assert model.get_layer("head_dense").activation is keras.activations.relu
+    assert model.get_layer("predictions").activation is keras.activations.softmax
+    assert model.input.dtype == "uint8"
+    assert model.output.shape == (None, NUM_CLASSES)
+
+
+def test_trainable_parameters_per_phase(model):
+    base = model.get_layer(BACKBONE)
+    conv5_convs = [
+        layer for layer in base.layers[-CONV5_LAYERS:] if isinstance(layer, keras.layers.Conv2D)
+    ]
+    conv5_conv_params = sum(layer.count_params() for layer in conv5_convs)
+    assert len(conv5_convs) == 10  # 3 blocks x 3 convs + 1 projection shortcut
+
+    set_phase(model, HEAD, CONV5_LAYERS)
+    assert trainable_parameter_count(model) == HEAD_PARAMS
+    assert set_phase(model, FINE_TUNE, CONV5_LAYERS) is True
+    assert trainable_parameter_count(model) == HEAD_PARAMS + conv5_conv_params
+    assert not any(
+        layer.trainable
+        for layer in base.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+    assert set_phase(model, FINE_TUNE, CONV5_LAYERS) is False  # no change, no recompile
+    assert set_phase(model, HEAD, CONV5_LAYERS) is True
+    assert trainable_parameter_count(model) == HEAD_PARAMS
+    with pytest.raises(ValueError, match="phase='warmup' is not one of head, fine-tune"):
+        set_phase(model, "warmup", CONV5_LAYERS)
+    with pytest.raises(ValueError, match="fine-tune-layers=500 is out of range"):
+        set_phase(model, FINE_TUNE, 500)
+
+
+def test_fine_tune_trains_conv5_only_and_keeps_batchnorm_statistics():
+    model = build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
+    set_phase(model, FINE_TUNE, CONV5_LAYERS)
+    compile_model(model, 1e-3)
+    base = model.get_layer(BACKBONE)
+    watched = {
+        "conv5": base.get_layer("conv5_block3_3_conv").kernel,
+        "conv4": base.get_layer("conv4_block6_3_conv").kernel,
+        "bn5 mean": base.get_layer("conv5_block3_3_bn").moving_mean,
+        "head": model.get_layer("head_dense").kernel,
+    }
+    before = {k: _numpy(v).copy() for k, v in watched.items()}
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
+    model.fit(x, rng.integers(0, NUM_CLASSES, 64), batch_size=32, verbose=0)
+    changed = {k: not np.array_equal(before[k], _numpy(v)) for k, v in watched.items()}
+    assert changed == {"conv5": True, "conv4": False, "bn5 mean": False, "head": True}
+
+    reset_optimizer(model, 5e-5)
+    optimizer = model.optimizer
+    assert float(_numpy(optimizer.learning_rate)) == pytest.approx(5e-5)
+    assert int(_numpy(optimizer.iterations)) == 0
+    moments = [v for v in optimizer.variables if "momentum" in v.path or "velocity" in v.path]
+    assert moments and all(not _numpy(v).any() for v in moments)
+
+
+def test_preprocessing_resizes_grey_to_rgb_and_applies_resnet50_normalisation():
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    out = keras.ops.convert_to_numpy(ImagePreprocessing(40)(grey))
+    rgb = np.repeat(grey.astype(np.float32), 3, axis=-1)
+    resized = keras.ops.convert_to_numpy(keras.ops.image.resize(rgb, (40, 40)))
+    expected = resnet50.preprocess_input(resized.copy())
+    assert out.shape == (2, 40, 40, 3)
+    np.testing.assert_allclose(out, expected, atol=1e-3)
+
+
+def test_input_size_below_32_is_refused():
+    with pytest.raises(ValueError, match="input-size=16 is too small"):
+        build_model(NUM_CLASSES, (28, 28, 1), input_size=16)
+
+
+def test_weights_round_trip_through_arrayrecord_and_bytes(model):
+    record = to_arrayrecord(model)
+    assert list(record.keys()) == [v.path for v in model.weights]
+    assert len(set(record.keys())) == len(model.weights)
+    # Through the wire format Flower uses (serialised numpy bytes per Array).
+    other = build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
+    load_arrayrecord(other, record)
+    for a, b in zip(model.get_weights(), other.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(2).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+    np.testing.assert_allclose(model.predict(x, verbose=0), other.predict(x, verbose=0), atol=1e-6)
+
+    del record[next(iter(record.keys()))]
+    with pytest.raises(ValueError, match="arrays do not match the model: missing"):
+        load_arrayrecord(other, record)
+
+
+def test_saved_model_loads_with_its_preprocessing(model, tmp_path):
+    compile_model(model, 1e-3)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = keras.saving.load_model(path)
+    x = np.random.default_rng(3).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)

@@ -1,0 +1,81 @@
+"""End to end: `flwr run .` on Flower's simulation engine, real Keras, real files."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from conftest import log_lines
+
+from fl_app.data import load_test_set
+from fl_app.model import FINE_TUNE, HEAD
+
+TINY = {
+    "num-server-rounds": 2,
+    "head-rounds": 1,
+    "input-size": 32,
+    "max-examples-per-node": 96,
+    "max-test-examples": 200,
+    "batch-size": 32,
+}
+
+
+def test_two_rounds_on_two_supernodes_write_metrics_and_a_loadable_model(superlink, tmp_path):
+    run = superlink.run(tmp_path, TINY)
+
+    assert run.status == "finished:completed", run.details + run.log[-3000:]
+    assert run.run_dir is not None
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    # No ImageNet weights can be fetched here: the run says so and records it.
+    assert metrics["init"] in ("random", "imagenet")
+    if metrics["init"] == "random":
+        assert len(log_lines(run.log, r"WARNING.*ImageNet weights are unavailable")) == 1
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [r.get("phase") for r in rounds] == [None, HEAD, FINE_TUNE]
+    for r in rounds[1:]:
+        assert r["train_replies"] == 2 and r["rejected_replies"] == 0 and r["model_updated"]
+        assert r["eval_replies"] == 2
+        for key in (
+            "train_loss",
+            "train_accuracy",
+            "eval_loss",
+            "eval_accuracy",
+            "server_loss",
+            "server_accuracy",
+            "round_time",
+            "train_time",
+        ):
+            assert np.isfinite(r[key]), key
+        assert 0 <= r["server_accuracy"] <= 1
+        # Full model to both nodes for training and for evaluation; full model back.
+        assert r["bytes_sent"] == 2 * r["bytes_received"] > 90e6
+    assert log_lines(run.log, r"Round 2 summary: train acc")
+
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert config["run_config"]["input-size"] == 32 and config["init"] == metrics["init"]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = keras.saving.load_model(run.run_dir / "final.keras")
+    assert (run.run_dir / "best.keras").is_file()
+    test = load_test_set("fashion_mnist", 200)
+    _, accuracy = model.evaluate(test.x, test.y, verbose=0)
+    # The saved model is the final global model the server evaluated.
+    assert accuracy == pytest.approx(rounds[-1]["server_accuracy"], abs=1e-6)
+
+
+def test_a_bad_value_fails_the_run_with_one_clear_line(superlink, tmp_path):
+    run = superlink.run(tmp_path, {**TINY, "input-size": 16})
+
+    assert run.status == "finished:failed"
+    lines = log_lines(run.log, r"Invalid run config")
+    assert (
+        lines == [lines[0]]
+        and "input-size=16 is not allowed: expected an integer >= 32" in lines[0]
+    )
+    assert run.run_dir is None  # nothing was started, nothing written
