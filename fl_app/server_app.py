@@ -19,11 +19,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_app.data import DATASETS, NUM_CLASSES, PARTITIONERS, Split, load_test_set
+from fl_app.config import validate_run_config
+from fl_app.data import NUM_CLASSES, Split, load_test_set
 from fl_app.model import (
-    BACKBONE_LAYERS,
-    CONV5_LAYERS,
-    MIN_INPUT_SIZE,
     build_model,
     compile_model,
     load_arrayrecord,
@@ -32,65 +30,6 @@ from fl_app.model import (
 from fl_app.strategy import TransferFedAvg, TransferSchedule
 
 app = ServerApp()
-
-WEIGHT_CHOICES = "imagenet, none, or the path of a .keras/.weights.h5/.h5 weights file"
-
-# key: (type, test, what is allowed). Flower already refuses unknown keys.
-_RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
-    "num-server-rounds": (int, lambda v: v >= 1, "an integer >= 1"),
-    "fraction-train": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "fraction-evaluate": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "min-train-nodes": (int, lambda v: v >= 1, "an integer >= 1"),
-    "min-evaluate-nodes": (int, lambda v: v >= 0, "an integer >= 0"),
-    "min-available-nodes": (int, lambda v: v >= 1, "an integer >= 1"),
-    "local-epochs": (int, lambda v: v >= 1, "an integer >= 1"),
-    "batch-size": (int, lambda v: v >= 1, "an integer >= 1"),
-    "learning-rate": (float, lambda v: v > 0, "a number > 0"),
-    "head-rounds": (int, lambda v: v >= 0, "an integer >= 0"),
-    "fine-tune-layers": (
-        int,
-        lambda v: 0 <= v <= BACKBONE_LAYERS,
-        f"an integer in 0..{BACKBONE_LAYERS} (ResNet50's layers; {CONV5_LAYERS} = conv5)",
-    ),
-    "fine-tune-learning-rate": (float, lambda v: v > 0, "a number > 0"),
-    "input-size": (int, lambda v: v >= MIN_INPUT_SIZE, f"an integer >= {MIN_INPUT_SIZE}"),
-    "weights": (
-        str,
-        lambda v: v in ("imagenet", "none") or Path(v).expanduser().is_file(),
-        WEIGHT_CHOICES,
-    ),
-    "strict-weights": (bool, lambda v: True, "true or false"),
-    "dataset": (str, lambda v: v in DATASETS, "one of " + ", ".join(DATASETS)),
-    "partitioner": (str, lambda v: v in PARTITIONERS, "one of " + ", ".join(PARTITIONERS)),
-    "dirichlet-alpha": (float, lambda v: v > 0, "a number > 0"),
-    "seed": (int, lambda v: v >= 0, "an integer >= 0"),
-    "max-examples-per-node": (int, lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
-    "val-fraction": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "max-test-examples": (int, lambda v: v >= 0, "an integer >= 0 (0 = the whole test set)"),
-    "results-dir": (str, lambda v: bool(v), "a folder path"),
-}
-
-
-def validate_run_config(run_config: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first bad key, its value and what is allowed."""
-    for key, (kind, ok, allowed) in _RULES.items():
-        if key not in run_config:
-            raise ValueError(f"run config is missing '{key}' ({allowed})")
-        value = run_config[key]
-        # TOML and --run-config give ints for whole numbers; they are valid floats.
-        type_ok = (
-            isinstance(value, bool)
-            if kind is bool
-            else isinstance(value, kind if kind is not float else (int, float))
-            and not isinstance(value, bool)
-        )
-        if not type_ok or not ok(value):
-            raise ValueError(f"{key}={value!r} is not allowed: expected {allowed}")
-    if run_config["val-fraction"] == 0 and run_config["fraction-evaluate"] > 0:
-        raise ValueError(
-            "val-fraction=0 leaves nodes nothing to evaluate on: "
-            "set val-fraction > 0 or fraction-evaluate=0"
-        )
 
 
 def initial_model(
@@ -138,6 +77,26 @@ def _evaluator(model: keras.Model, test: Split, batch_size: int):
     return evaluate
 
 
+def _tensorboard(run_dir: Path) -> Callable[[Mapping[str, Any]], None] | None:
+    """Write each round's numbers as TensorBoard scalars into the run folder."""
+    try:
+        import tensorboard  # noqa: F401  (tf.summary needs it; tensorflow-cpu lacks it)
+        import tensorflow as tf
+    except ImportError:
+        log(INFO, "No TensorFlow/TensorBoard: no event file (metrics.json has the numbers)")
+        return None
+    writer = tf.summary.create_file_writer(str(run_dir))
+
+    def write(record: Mapping[str, Any]) -> None:
+        with writer.as_default(step=int(record["round"])):
+            for key, value in record.items():
+                if key != "round" and isinstance(value, int | float):
+                    tf.summary.scalar(key, float(value))
+        writer.flush()
+
+    return write
+
+
 def _saver(model: keras.Model):
     def save(arrays: ArrayRecord, path: Path) -> None:
         load_arrayrecord(model, arrays)
@@ -163,8 +122,13 @@ def main(grid: Grid, context: Context) -> None:
     compile_model(model, float(cfg["learning-rate"]))
 
     run_dir = (
-        Path(str(cfg["results-dir"])).expanduser().resolve()
-        / f"{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}"
+        Path(
+            str(cfg["results-dir"]).format(
+                time=time.strftime("%Y%m%d-%H%M%S"), run_id=context.run_id
+            )
+        )
+        .expanduser()
+        .resolve()
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     log(INFO, "Results of this run go to %s", run_dir)
@@ -190,6 +154,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir=run_dir,
         save_model=_saver(model),
         run_info={"init": init},
+        on_round_end=_tensorboard(run_dir),
         fraction_train=float(cfg["fraction-train"]),
         fraction_evaluate=float(cfg["fraction-evaluate"]),
         min_train_nodes=int(cfg["min-train-nodes"]),

@@ -93,6 +93,8 @@ class TransferFedAvg(FedAvg):
         Writes a model file from global arrays (the server owns the Keras model).
     run_info : Mapping[str, Any]
         Extra top-level entries of ``metrics.json`` (e.g. how weights started).
+    on_round_end : Callable[[Mapping[str, Any]], None], optional
+        Called with each round's record once it is complete (e.g. TensorBoard).
     **kwargs
         Passed to ``FedAvg`` (fractions, minimum nodes, keys).
 
@@ -104,6 +106,7 @@ class TransferFedAvg(FedAvg):
         run_dir: Path,
         save_model: Callable[[ArrayRecord, Path], None],
         run_info: Mapping[str, Any] | None = None,
+        on_round_end: Callable[[Mapping[str, Any]], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -111,6 +114,7 @@ class TransferFedAvg(FedAvg):
         self.run_dir = Path(run_dir)
         self.save_model = save_model
         self.run_info = dict(run_info or {})
+        self.on_round_end = on_round_end
         self.rounds: list[dict[str, Any]] = []
         self.best_accuracy = -math.inf
         self.global_arrays = ArrayRecord()
@@ -346,6 +350,8 @@ class TransferFedAvg(FedAvg):
             self.run_info["best"] = {"round": server_round, "server_accuracy": accuracy}
             self._save(arrays, "best.keras")
         self._write_metrics("running")
+        if self.on_round_end is not None:
+            self.on_round_end(record)
         log(INFO, "Round %d summary: %s", server_round, _summary(record, is_best))
 
     def _save(self, arrays: ArrayRecord, name: str) -> None:

@@ -1,0 +1,251 @@
+"""Experiment launcher: compose a Hydra config, run it with `flwr run`, collect results.
+
+``python -m fl_app.experiment [key=value ...]`` runs one experiment;
+``-m key=a,b ...`` sweeps every combination and ends with ``summary.csv`` and
+``accuracy.png`` in the sweep folder. Every job's config is checked before the
+first one starts; a bad key or value stops the launcher with one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from fl_app.config import ExperimentConfig, to_run_config, validate_run_config
+from fl_app.federation import FlowerCLI, LocalSuperLink, RunStatus, write_connection
+from fl_app.sweep import summarize_sweep
+
+APP_DIR = Path(__file__).resolve().parents[1]
+CONF_DIR = APP_DIR / "conf"
+FEDERATION_KINDS = ("simulation", "deployment")
+
+ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
+log = logging.getLogger(__name__)
+# Outcome of every job this process ran; the exit code is read from it.
+_outcomes: list[str] = []
+
+
+def check_config(cfg: DictConfig) -> dict[str, Any]:
+    """Validate a composed config; return the Flower run config it maps to.
+
+    Raises ``ValueError`` naming the Hydra key, the value and what is allowed.
+    """
+    unknown = _unknown_key(cfg, ExperimentConfig)
+    if unknown is not None:
+        raise ValueError(
+            f"{unknown} is not a key of the experiment config: see "
+            "`python -m fl_app.experiment --cfg job` for the keys there are"
+        )
+    mapped = to_run_config(cfg)
+    run_config = {key: value for key, (_, value) in mapped.items()}
+    paths = {key: path for key, (path, _) in mapped.items()}
+    # results-dir is the launcher's, set per job; validate the rest.
+    validate_run_config({**run_config, "results-dir": "."}, name=lambda k: paths.get(k, k))
+    fed = cfg.federation
+    if fed.kind not in FEDERATION_KINDS:
+        raise ValueError(
+            f"federation.kind={fed.kind!r} is not allowed: expected one of "
+            + ", ".join(FEDERATION_KINDS)
+        )
+    if fed.kind == "simulation":
+        if fed.num_supernodes < 1:
+            raise ValueError(
+                f"federation.num_supernodes={fed.num_supernodes} is not allowed: "
+                "expected an integer >= 1"
+            )
+        if fed.client_num_cpus <= 0 or fed.client_num_gpus < 0:
+            raise ValueError(
+                f"federation.client_num_cpus={fed.client_num_cpus}, client_num_gpus="
+                f"{fed.client_num_gpus} are not allowed: expected cpus > 0 and gpus >= 0"
+            )
+    else:
+        host, _, port = (fed.address or "").rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(
+                f"federation.address={fed.address!r} is not allowed: expected HOST:PORT"
+            )
+        if not fed.insecure:
+            cert = Path(fed.root_certificates or "").expanduser()
+            if not fed.root_certificates or not cert.is_file():
+                raise ValueError(
+                    f"federation.root_certificates={fed.root_certificates!r} is not a file: "
+                    "expected the CA certificate of the SuperLink (or federation.insecure=true)"
+                )
+    return run_config
+
+
+def _unknown_key(node: DictConfig, schema: type, prefix: str = "") -> str | None:
+    """The first key that ``+key=value`` added outside the schema, if any."""
+    hints = typing.get_type_hints(schema)
+    for key, value in node.items():
+        if key not in hints:
+            return f"{prefix}{key}"
+        if dataclasses.is_dataclass(hints[key]):
+            found = _unknown_key(value, hints[key], f"{prefix}{key}.")
+            if found is not None:
+                return found
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra and OmegaConf errors span lines and causes; keep what names the problem."""
+    parts: list[str] = []
+    key = ""
+    cause: BaseException | None = err
+    while cause is not None:
+        text = str(cause).split("Config search path")[0]
+        for line in filter(None, (line.strip() for line in text.splitlines())):
+            if line.startswith("full_key:"):
+                key = line.split(":", 1)[1].strip()
+            elif not line.startswith(("object_type", "reference_type", "Set the environment")):
+                parts.append(line)
+        cause = cause.__cause__
+    message = " ".join(parts) or type(err).__name__
+    return f"{message} (key: {key})" if key and key not in message else message
+
+
+def precheck(argv: list[str]) -> str | None:
+    """Compose and check every job of a command line; return the first error line.
+
+    Sweeps (``a,b``, ``range(...)``) are expanded like Hydra's basic sweeper, so a
+    bad value in the last job stops the launcher before the first job starts.
+    """
+    from hydra._internal.utils import get_args_parser  # hydra.main's own CLI parser
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return None  # Hydra answers these itself
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        choices = [
+            [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+            if o.is_sweep_override()
+            else [o.input_line]
+            for o in parsed
+        ]
+        if any(o.is_sweep_override() for o in parsed) and not args.multirun:
+            return "sweep values (a,b) need multirun: add -m"
+        with hydra.initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            for job in itertools.product(*choices):
+                check_config(hydra.compose(args.config_name or "config", overrides=list(job)))
+    except Exception as err:  # any composition or validation error ends the launch
+        return _one_line(err)
+    return None
+
+
+def _run_job(cfg: DictConfig, output_dir: Path) -> RunStatus | None:
+    """Run one experiment into ``output_dir``; return its final status."""
+    run_config = {**check_config(cfg), "results-dir": str(output_dir)}
+    (output_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    fed = cfg.federation
+    flwr_home = Path(tempfile.mkdtemp(prefix="fl_app-flwr-home-"))
+    run_id: int | None = None
+    cli: FlowerCLI | None = None
+    status: RunStatus | None = None
+    outcome = "failed"
+    started = time.monotonic()
+    try:
+        if fed.kind == "simulation":
+            superlink = LocalSuperLink(flwr_home)
+            context: contextlib.AbstractContextManager = superlink
+            cli = superlink.cli
+            federation_config = {
+                "num-supernodes": fed.num_supernodes,
+                "client-resources-num-cpus": fed.client_num_cpus,
+                "client-resources-num-gpus": fed.client_num_gpus,
+            }
+        else:
+            write_connection(flwr_home, fed.address, fed.insecure, fed.root_certificates)
+            context = contextlib.nullcontext()
+            cli = FlowerCLI(flwr_home)
+            federation_config = None
+        with context, (output_dir / "flower.log").open("a") as flower_log:
+            run_id = cli.submit(
+                APP_DIR, run_config, federation_config, output_dir / "run_config.toml"
+            )
+            log.info("Started run %d (%s); results go to %s", run_id, fed.kind, output_dir)
+            cli.follow(run_id, sys.stdout, flower_log)
+            status = cli.wait(run_id)
+            outcome = "completed" if status.completed else "failed"
+    except RuntimeError as err:  # the SuperLink refused the run or could not start
+        log.error("%s", err)
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        # The simulation's SuperLink context already stopped its runs; a deployment
+        # SuperLink is not ours to stop, but our run on it is.
+        if fed.kind != "simulation" and cli is not None and run_id is not None:
+            cli.stop(run_id)
+        raise
+    finally:
+        _write_status(output_dir, outcome, run_id, status, time.monotonic() - started)
+        _outcomes.append(outcome)
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    return status
+
+
+def _write_status(
+    output_dir: Path, outcome: str, run_id: int | None, status: RunStatus | None, wall: float
+) -> None:
+    content = {
+        "status": outcome,
+        "run_id": run_id,
+        "flower_status": status.status if status else None,
+        "details": status.details if status else None,
+        "wall_time": wall,
+    }
+    (output_dir / "status.json").write_text(json.dumps(content, indent=2))
+    log.info("Run %s: %s (%.0f s). Status in %s", run_id, outcome, wall, output_dir / "status.json")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _job(cfg: DictConfig) -> None:
+    _run_job(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun, write ``summary.csv`` and ``accuracy.png``."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Summarise the sweep folder Hydra just filled."""
+        csv_path, png_path = summarize_sweep(Path(config.hydra.sweep.dir))
+        log.info("Sweep summary: %s, plot: %s", csv_path, png_path)
+
+
+def main() -> None:
+    """Console entry point: check every job, then hand over to Hydra."""
+    error = precheck(sys.argv[1:])
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        _job()
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the run and the processes the launcher started were stopped",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    if not _outcomes or any(outcome != "completed" for outcome in _outcomes):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Hydra config: every group composes, matches pyproject's run config, bad input is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+
+import hydra
+import pytest
+from omegaconf import OmegaConf
+
+from fl_app.config import LAUNCHER_KEYS, RULES, flower_key, to_run_config
+from fl_app.experiment import CONF_DIR, check_config, precheck
+
+PYPROJECT = CONF_DIR.parent / "pyproject.toml"
+GROUPS = {
+    group.name: sorted(p.stem for p in group.glob("*.yaml"))
+    for group in CONF_DIR.iterdir()
+    if group.is_dir()
+}
+
+
+def compose(*overrides: str):
+    with hydra.initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra.compose("config", overrides=list(overrides))
+
+
+def test_groups_are_the_documented_ones():
+    assert GROUPS == {
+        "federation": ["deployment", "deployment-tls", "simulation"],
+        "model": ["resnet50"],
+        "dataset": ["cifar10", "fashion_mnist", "mnist"],
+        "partitioner": ["dirichlet", "iid"],
+        "strategy": ["fedavg"],
+    }
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
+def test_every_group_option_composes_against_the_schema(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if option == "deployment-tls":
+        ca = tmp_path / "ca.crt"
+        ca.write_text("certificate")
+        overrides.append(f"federation.root_certificates={ca}")
+    cfg = compose(*overrides)
+    assert OmegaConf.missing_keys(cfg) == set()
+    run_config = check_config(cfg)
+    if group == "dataset":
+        assert run_config["dataset"] == option
+    if group == "partitioner":
+        assert run_config["partitioner"] == option
+    if group == "federation":
+        assert cfg.federation.kind == option.split("-")[0]
+
+
+def test_hydra_and_pyproject_carry_the_same_keys_and_defaults():
+    flower = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    hydra_keys = {key: value for key, (_, value) in to_run_config(compose()).items()}
+    assert set(flower) - set(LAUNCHER_KEYS) == set(hydra_keys), "keys drifted apart"
+    drifted = {k: (flower[k], v) for k, v in hydra_keys.items() if flower[k] != v}
+    assert drifted == {}, "defaults drifted apart (pyproject, hydra)"
+    assert set(RULES) == set(flower), "every Flower key needs a validation rule"
+
+
+def test_mapping_rule():
+    assert flower_key("num_server_rounds") == "num-server-rounds"
+    assert flower_key("strategy.fraction_train") == "fraction-train"
+    assert flower_key("dataset.name") == "dataset"
+    assert flower_key("partitioner.dirichlet_alpha") == "dirichlet-alpha"
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (
+            ["strategy.fraction_train=1.5"],
+            "strategy.fraction_train=1.5 is not allowed: expected a number in (0, 1]",
+        ),
+        (
+            ["partitioner.dirichlet_alpha=0"],
+            "partitioner.dirichlet_alpha=0.0 is not allowed: expected a number > 0",
+        ),
+        (["model.input_size=16"], "model.input_size=16 is not allowed: expected an integer >= 32"),
+        (
+            ["model.weights=/no/such/weights.h5"],
+            "model.weights='/no/such/weights.h5' is not allowed",
+        ),
+        (
+            ["federation=deployment-tls"],
+            "federation.root_certificates='certificates/ca.crt' is not a file",
+        ),
+        (
+            ["strategy.fraction_train=abc"],
+            "Value 'abc' of type 'str' could not be converted to Float",
+        ),
+        (["num_server_rounds=0.5"], "num_server_rounds=0.5"),
+        (
+            ["partitioner=shards"],
+            "Could not find 'partitioner/shards' Available options in 'partitioner': dirichlet iid",
+        ),
+        (["foo=1"], "Could not override 'foo'"),
+        (["+model.foo=1"], "model.foo is not a key of the experiment config"),
+        (
+            ["federation.num_supernodes=0"],
+            "federation.num_supernodes=0 is not allowed: expected an integer >= 1",
+        ),
+        (["-m", "strategy.fraction_train=0.5,2.0"], "strategy.fraction_train=2.0 is not allowed"),
+        (["partitioner=iid,dirichlet"], "sweep values (a,b) need multirun: add -m"),
+    ],
+)
+def test_bad_input_is_one_line_naming_key_value_and_what_is_allowed(argv, expected):
+    error = precheck(argv)
+    assert error is not None and "\n" not in error
+    assert expected in error
+
+
+def test_good_sweeps_pass_the_check():
+    assert precheck(["-m", "partitioner=iid,dirichlet", "strategy.fraction_train=0.5,1.0"]) is None
+
+
+def test_launcher_exits_2_with_one_stderr_line_before_starting_anything(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "fl_app.experiment", "dataset.val_fraction=1.5"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: dataset.val_fraction=1.5 is not allowed: expected a number in [0, 1)"]
+    assert not (tmp_path / "outputs").exists()

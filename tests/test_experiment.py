@@ -1,0 +1,148 @@
+"""The Hydra launcher end to end: real `flwr run` simulations, sweeps, Ctrl-C."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "num_server_rounds=2",
+    "head_rounds=1",
+    "dataset.max_examples_per_node=64",
+    "dataset.max_test_examples=100",
+]
+FLOWER_PROCESSES = "flower-superlink|flower-superexec|flwr-simulation|raylet|gcs_server"
+
+
+def flower_pids() -> set[int]:
+    """PIDs of Flower/Ray processes now running (read-only listing)."""
+    done = subprocess.run(["pgrep", "-f", FLOWER_PROCESSES], capture_output=True, text=True)
+    return {int(pid) for pid in done.stdout.split()}
+
+
+def left_behind(before: set[int], timeout: float = 30) -> set[int]:
+    """Flower/Ray processes that appeared since ``before`` and are still there."""
+    deadline = time.monotonic() + timeout
+    while (new := flower_pids() - before) and time.monotonic() < deadline:
+        time.sleep(1)
+    return new
+
+
+def launch(tmp_path: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fl_app.experiment", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_single_simulation_run_writes_into_the_hydra_folder(tmp_path):
+    before = flower_pids()
+    out = tmp_path / "job"
+    done = launch(tmp_path, *TINY, f"hydra.run.dir={out}")
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "completed" and status["flower_status"] == "finished:completed"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    for name in (
+        "final.keras",
+        "best.keras",
+        "config.resolved.yaml",
+        "flower.log",
+        "run_config.toml",
+    ):
+        assert (out / name).is_file(), name
+    # Progress was streamed, and TensorBoard got every round's numbers.
+    assert "Round 2 summary" in done.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = out.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    steps = [e.step for e in accumulator.Tensors("server_accuracy")]
+    assert steps == [0, 1, 2]
+    assert left_behind(before) == set()
+
+
+def test_multirun_runs_every_job_and_summarises_the_sweep(tmp_path):
+    before = flower_pids()
+    sweep = tmp_path / "sweep"
+    done = launch(
+        tmp_path,
+        "-m",
+        *TINY,
+        "num_server_rounds=1",
+        "partitioner=iid,dirichlet",
+        f"hydra.sweep.dir={sweep}",
+    )
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["overrides"].split()[-1] for r in rows] == [
+        "partitioner=iid",
+        "partitioner=dirichlet",
+    ]
+    for row in rows:
+        assert row["status"] == "completed" and row["rounds"] == "1"
+        assert 0 <= float(row["final_server_accuracy"]) <= 1
+        assert float(row["bytes_sent"]) > 0 and float(row["wall_time_s"]) > 0
+    png = (sweep / "accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+    assert left_behind(before) == set()
+
+
+def test_ctrl_c_stops_the_run_and_everything_the_launcher_started(tmp_path):
+    before = flower_pids()
+    out = tmp_path / "job"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fl_app.experiment",
+            *TINY,
+            "num_server_rounds=50",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait until training has really started
+            if "Round 1:" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=180)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, rest[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "interrupted"
+    assert (out / "metrics.json").is_file()  # what was written so far stays
+    assert left_behind(before) == set()
+
+
+@pytest.mark.parametrize("argv", [["federation=deployment", "federation.address=127.0.0.1:1"]])
+def test_unreachable_superlink_fails_cleanly(tmp_path, argv):
+    out = tmp_path / "job"
+    done = launch(tmp_path, *argv, f"hydra.run.dir={out}", timeout=300)
+    assert done.returncode == 1
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "failed" and status["run_id"] is None
