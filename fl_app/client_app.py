@@ -1,23 +1,32 @@
 """ClientApp: fine-tune the global model on this node's data, or evaluate it.
 
-The Keras model is built and compiled once per process and reused across
+The Keras models are built and compiled once per process and reused across
 rounds and (in simulation) across the virtual nodes a process serves: a
-rebuild would retrace the training step, ~21 s for a full ResNet50.
+rebuild would retrace the training step, ~21 s for a full ResNet50. In the
+head phase, nodes train the head alone on cached backbone features
+(``fl_app.features``), which is exact and skips the backbone entirely.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import keras
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app.data import NUM_CLASSES, NodeData, load_node_data
+from fl_app.data import NUM_CLASSES, NodeData, Split, load_data_dir, load_node_data, split_node_data
+from fl_app.features import FeatureCache, feature_key
 from fl_app.model import (
+    HEAD,
+    build_head,
     build_model,
     compile_model,
+    feature_extractor,
+    is_head_variable,
     load_arrayrecord,
     reset_optimizer,
     set_phase,
@@ -25,6 +34,8 @@ from fl_app.model import (
 )
 
 app = ClientApp()
+# Where a deployed node keeps features across its per-message ClientApp processes.
+DEFAULT_CACHE_DIR = Path("~/.cache/fl_app/features")
 
 
 @functools.cache
@@ -33,8 +44,42 @@ def _model(image_shape: tuple[int, ...], input_size: int) -> keras.Model:
     return build_model(NUM_CLASSES, image_shape, input_size, backbone_weights=None)
 
 
+@functools.cache
+def _extractor(image_shape: tuple[int, ...], input_size: int) -> keras.Model:
+    return feature_extractor(_model(image_shape, input_size))
+
+
+@functools.cache
+def _head() -> keras.Model:
+    head = build_head(NUM_CLASSES)
+    compile_model(head, 1e-3)
+    return head
+
+
+@functools.cache
+def _cache_store(max_bytes: int, folder: str | None) -> FeatureCache:
+    return FeatureCache(max_bytes, Path(folder) if folder else None)
+
+
+def _feature_cache(context: Context) -> FeatureCache | None:
+    cfg, node = context.run_config, context.node_config
+    if not cfg["feature-cache"]:
+        return None
+    folder = node.get("cache-dir") or (DEFAULT_CACHE_DIR if "data-dir" in node else None)
+    return _cache_store(int(cfg["feature-cache-mb"]) * 2**20, str(folder) if folder else None)
+
+
 def _node_data(context: Context) -> NodeData:
     cfg, node = context.run_config, context.node_config
+    if "data-dir" in node:
+        # A deployed SuperNode's own data, named in its --node-config.
+        return split_node_data(
+            load_data_dir(str(node["data-dir"])),
+            seed=int(cfg["seed"]),
+            stream=0,
+            max_examples=int(cfg["max-examples-per-node"]),
+            val_fraction=float(cfg["val-fraction"]),
+        )
     return load_node_data(
         dataset=str(cfg["dataset"]),
         partition_id=int(node["partition-id"]),
@@ -47,58 +92,110 @@ def _node_data(context: Context) -> NodeData:
     )
 
 
-def _global_model(msg: Message, context: Context, image_shape: tuple[int, ...]) -> keras.Model:
+def _global_model(arrays: ArrayRecord, context: Context, image_shape: tuple[int, ...]):
     model = _model(image_shape, int(context.run_config["input-size"]))
-    load_arrayrecord(model, msg.content["arrays"])
+    load_arrayrecord(model, arrays)
     return model
+
+
+def _features(
+    arrays: ArrayRecord, split: Split, context: Context, cache: FeatureCache, compute: bool
+) -> np.ndarray | None:
+    """Pooled backbone features of ``split`` under the received backbone, from the cache.
+
+    On a miss they are computed (when ``compute``) with the full model and stored.
+    """
+    input_size = int(context.run_config["input-size"])
+    backbone = [key for key in arrays if not is_head_variable(key)]
+    key = feature_key(arrays, backbone, split.x, input_size)
+    features = cache.get(key)
+    if features is None and compute:
+        image_shape = split.x.shape[1:]
+        _global_model(arrays, context, image_shape)
+        features = _extractor(image_shape, input_size).predict(
+            split.x, batch_size=int(context.run_config["batch-size"]), verbose=0
+        )
+        cache.put(key, features)
+    return features
+
+
+def _load_head(arrays: ArrayRecord) -> keras.Model:
+    head = _head()
+    head.set_weights([arrays[v.path].numpy() for v in head.weights])
+    return head
+
+
+def _seed(context: Context, server_round: int) -> None:
+    keras.utils.set_random_seed(
+        int(context.run_config["seed"]) * 100_003
+        + server_round * 1_009
+        + int(context.node_config.get("partition-id", 0))
+    )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local training split."""
-    data = _node_data(context).train
-    model = _global_model(msg, context, data.x.shape[1:])
+    data = _node_data(context)
+    arrays = msg.content["arrays"]
     config = msg.content["config"]
     learning_rate = float(config["learning-rate"])
-    if set_phase(model, str(config["phase"]), int(config["fine-tune-layers"])) or not (
-        model.compiled
-    ):
-        compile_model(model, learning_rate)
+    cache = _feature_cache(context) if config["phase"] == HEAD else None
+    if cache is not None:
+        inputs = _features(arrays, data.train, context, cache, compute=True)
+        # Validation features too, so this round's evaluation finds them.
+        _features(arrays, data.val, context, cache, compute=len(data.val.y) > 0)
+        model = _load_head(arrays)
+    else:
+        inputs = data.train.x
+        model = _global_model(arrays, context, data.train.x.shape[1:])
+        changed = set_phase(model, str(config["phase"]), int(config["fine-tune-layers"]))
+        if changed or not model.compiled:
+            compile_model(model, learning_rate)
     reset_optimizer(model, learning_rate)
-    keras.utils.set_random_seed(
-        int(context.run_config["seed"]) * 100_003
-        + int(config["server-round"]) * 1_009
-        + int(context.node_config["partition-id"])
-    )
+    _seed(context, int(config["server-round"]))
     start = time.perf_counter()
     history = model.fit(
-        data.x,
-        data.y,
+        inputs,
+        data.train.y,
         epochs=int(config["local-epochs"]),
         batch_size=int(config["batch-size"]),
         verbose=0,
     )
     train_time = time.perf_counter() - start
+    if cache is not None:
+        # The backbone did not change: send back what came, with the new head.
+        reply = ArrayRecord(dict(arrays.items()))
+        for variable in model.weights:
+            reply[variable.path] = Array(np.asarray(variable.numpy()))
+    else:
+        reply = to_arrayrecord(model)
     metrics = MetricRecord(
         {
-            "num-examples": len(data.y),
+            "num-examples": len(data.train.y),
             "train_loss": float(history.history["loss"][-1]),
             "train_accuracy": float(history.history["accuracy"][-1]),
             "train_time": train_time,
         }
     )
-    return Message(RecordDict({"arrays": to_arrayrecord(model), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split."""
     data = _node_data(context).val
-    model = _global_model(msg, context, data.x.shape[1:])
-    if not model.compiled:
-        compile_model(model, 0.0)
+    arrays = msg.content["arrays"]
+    cache = _feature_cache(context)
+    features = _features(arrays, data, context, cache, compute=False) if cache else None
+    if features is not None:
+        model, inputs = _load_head(arrays), features
+    else:
+        model, inputs = _global_model(arrays, context, data.x.shape[1:]), data.x
+        if not model.compiled:
+            compile_model(model, 0.0)
     loss, accuracy = model.evaluate(
-        data.x, data.y, batch_size=int(context.run_config["batch-size"]), verbose=0
+        inputs, data.y, batch_size=int(context.run_config["batch-size"]), verbose=0
     )
     metrics = MetricRecord(
         {"num-examples": len(data.y), "eval_loss": float(loss), "eval_accuracy": float(accuracy)}

@@ -64,6 +64,8 @@ RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
         WEIGHT_CHOICES,
     ),
     "strict-weights": (bool, lambda v: True, "true or false"),
+    "feature-cache": (bool, lambda v: True, "true or false"),
+    "feature-cache-mb": (int, lambda v: v >= 1, "an integer >= 1 (megabytes)"),
     "dataset": (str, lambda v: v in DATASETS, "one of " + ", ".join(DATASETS)),
     "partitioner": (str, lambda v: v in PARTITIONERS, "one of " + ", ".join(PARTITIONERS)),
     "dirichlet-alpha": (float, lambda v: v > 0, "a number > 0"),
@@ -156,6 +158,8 @@ class ModelConfig:
     weights: str = MISSING
     strict_weights: bool = MISSING
     fine_tune_layers: int = MISSING
+    feature_cache: bool = MISSING
+    feature_cache_mb: int = MISSING
 
 
 @dataclass

@@ -17,6 +17,9 @@ import numpy as np
 NUM_CLASSES = 10
 DATASETS = ("fashion_mnist", "mnist", "cifar10")
 PARTITIONERS = ("iid", "dirichlet")
+# A node's prepared data in its data-dir (see load_data_dir), and image folders' files.
+PARTITION_FILE = "partition.npz"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Debian's dataset-fashion-mnist package installs the original IDX files here.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {
@@ -169,6 +172,26 @@ def _train_partitions(
     return split_indices(load_dataset(dataset).train.y, partitioner, num_partitions, alpha, seed)
 
 
+def split_node_data(
+    data: Split, seed: int, stream: int, max_examples: int = 0, val_fraction: float = 0.1
+) -> NodeData:
+    """Shuffle a node's examples, cap them, and split off validation.
+
+    ``max_examples`` > 0 keeps a seeded random subset of that size, for quick
+    runs; ``stream`` keeps nodes' shuffles independent under one ``seed``.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val-fraction={val_fraction} must be in [0, 1)")
+    rows = np.random.default_rng([seed, stream]).permutation(len(data.y))
+    if max_examples > 0:
+        rows = rows[:max_examples]
+    n_val = round(len(rows) * val_fraction)
+    val_rows, train_rows = rows[:n_val], rows[n_val:]
+    return NodeData(
+        Split(data.x[train_rows], data.y[train_rows]), Split(data.x[val_rows], data.y[val_rows])
+    )
+
+
 def load_node_data(
     dataset: str,
     partition_id: int,
@@ -179,27 +202,110 @@ def load_node_data(
     max_examples: int = 0,
     val_fraction: float = 0.1,
 ) -> NodeData:
-    """Load one node's partition of the training set and split off validation.
-
-    ``max_examples`` > 0 caps the partition (a seeded random subset) before the
-    split, for quick runs.
-    """
+    """Load one node's partition of a dataset's training set, capped and split."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id={partition_id} is out of range 0..{num_partitions - 1}")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val-fraction={val_fraction} must be in [0, 1)")
     train = load_dataset(dataset).train
     rows = _train_partitions(dataset, partitioner, num_partitions, alpha, seed)[partition_id]
-    rng = np.random.default_rng([seed, partition_id])
-    rows = rng.permutation(rows)
-    if max_examples > 0:
-        rows = rows[:max_examples]
-    n_val = round(len(rows) * val_fraction)
-    val_rows, train_rows = rows[:n_val], rows[n_val:]
-    return NodeData(
-        Split(train.x[train_rows], train.y[train_rows]),
-        Split(train.x[val_rows], train.y[val_rows]),
+    return split_node_data(
+        Split(train.x[rows], train.y[rows]), seed, partition_id, max_examples, val_fraction
     )
+
+
+def _check_images(x: np.ndarray, y: np.ndarray, source: Path) -> Split:
+    x = _with_channels(x)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"{source}: images are {x.dtype}{list(x.shape)}, expected uint8 "
+            "(n, height, width, 1 or 3)"
+        )
+    y = np.asarray(y).reshape(-1)
+    if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{source}: {len(x)} images but {len(y)} labels of {y.dtype}")
+    if len(y) and not 0 <= y.min() <= y.max() < NUM_CLASSES:
+        raise ValueError(f"{source}: labels {y.min()}..{y.max()} outside 0..{NUM_CLASSES - 1}")
+    return Split(x, y.astype(np.int64))
+
+
+def _read_image_folders(root: Path, class_dirs: list[Path]) -> Split:
+    from PIL import Image  # deferred: only image folders need it
+
+    # Folders named 0, 1, ... are label indices; otherwise sorted names are, as in Keras'
+    # image_dataset_from_directory.
+    numeric = all(d.name.isdigit() for d in class_dirs)
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    size: tuple[int, int] | None = None
+    mode = "L"
+    for index, folder in enumerate(class_dirs):
+        for file in sorted(folder.iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(file) as image:
+                if size is None:
+                    # The node's first image sets size and colour for its whole set.
+                    size, mode = image.size, "L" if image.mode in ("L", "1", "I;16") else "RGB"
+                images.append(np.asarray(image.convert(mode).resize(size)))
+            labels.append(int(folder.name) if numeric else index)
+    if not images:
+        return Split(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64))
+    return _check_images(np.stack(images), np.asarray(labels), root)
+
+
+def load_data_dir(data_dir: str | os.PathLike) -> Split:
+    """Load a node's own data: ``partition.npz`` or one image subfolder per class.
+
+    ``partition.npz`` holds ``x`` (uint8 images) and ``y`` (labels), as
+    ``prepare_node_dirs`` writes it. Otherwise every subfolder is a class: named
+    by its label (``0/``, ``1/``, ...) or, like Keras' image folders, labelled by
+    its rank among the sorted names; PNG/JPEG images in it are that class.
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data-dir={str(root)!r} is not a folder")
+    partition = root / PARTITION_FILE
+    try:
+        if partition.is_file():
+            with np.load(partition) as arrays:
+                data = _check_images(arrays["x"], arrays["y"], partition)
+        else:
+            class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+            data = _read_image_folders(root, class_dirs)
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"data-dir={str(root)!r} cannot be read: {err}") from err
+    if len(data.y) == 0:
+        raise ValueError(
+            f"data-dir={str(root)!r} holds no examples: expected {PARTITION_FILE} or one "
+            "subfolder of PNG/JPEG images per class"
+        )
+    return data
+
+
+def prepare_node_dirs(
+    out_dir: str | os.PathLike,
+    num_nodes: int,
+    dataset: str = "fashion_mnist",
+    partitioner: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    max_examples: int = 0,
+) -> list[Path]:
+    """Write ``out_dir/node-<i>/partition.npz``, one partition of a dataset per node.
+
+    For demos and tests of deployments, where each SuperNode reads its own
+    folder (``--node-config 'data-dir="..."'``). ``max_examples`` > 0 caps each.
+    """
+    train = load_dataset(dataset).train
+    partitions = split_indices(train.y, partitioner, num_nodes, alpha, seed)
+    folders = []
+    for i, rows in enumerate(partitions):
+        if max_examples > 0:
+            rows = np.random.default_rng([seed, i]).permutation(rows)[:max_examples]
+        folder = Path(out_dir) / f"node-{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / PARTITION_FILE, x=train.x[rows], y=train.y[rows])
+        folders.append(folder)
+    return folders
 
 
 def load_test_set(dataset: str, max_examples: int = 0) -> Split:

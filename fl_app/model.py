@@ -23,6 +23,10 @@ MIN_INPUT_SIZE = 32
 BACKBONE_LAYERS = 175
 CONV5_LAYERS = 32
 BACKBONE = "resnet50"
+POOL = "avg_pool"
+HEAD_LAYERS = ("head_dense", "predictions")
+# Width of ResNet50's pooled output, the head's input.
+FEATURES = 2048
 
 
 @keras.saving.register_keras_serializable(package="fl_app")
@@ -96,10 +100,34 @@ def build_model(
     )
     base.trainable = False
     x = base(x)
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = layers.Dense(128, activation="relu", name="head_dense")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
-    return keras.Model(inputs, outputs, name="fl_app_classifier")
+    x = layers.GlobalAveragePooling2D(name=POOL)(x)
+    return keras.Model(inputs, _head(x, num_classes), name="fl_app_classifier")
+
+
+def _head(x, num_classes: int):
+    x = layers.Dense(128, activation="relu", name=HEAD_LAYERS[0])(x)
+    return layers.Dense(num_classes, activation="softmax", name=HEAD_LAYERS[1])(x)
+
+
+def build_head(num_classes: int) -> keras.Model:
+    """The head alone, on pooled backbone features; its variables share the full model's paths.
+
+    Training it on ``feature_extractor`` outputs is training the full model in
+    the head phase: the frozen backbone (BatchNorm in inference mode) maps each
+    image to the same features every time.
+    """
+    inputs = keras.Input(shape=(FEATURES,), name="features")
+    return keras.Model(inputs, _head(inputs, num_classes), name="fl_app_head")
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """The model up to the pooled backbone features (sharing its layers and weights)."""
+    return keras.Model(model.input, model.get_layer(POOL).output, name="fl_app_features")
+
+
+def is_head_variable(path: str) -> bool:
+    """Whether a variable path (an ArrayRecord key) belongs to the head."""
+    return path.split("/", 1)[0] in HEAD_LAYERS
 
 
 def set_phase(model: keras.Model, phase: str, fine_tune_layers: int) -> bool:

@@ -10,11 +10,14 @@ import pytest
 from fl_app.data import (
     DEBIAN_FASHION_MNIST,
     IDX_FILES,
+    load_data_dir,
     load_dataset,
     load_node_data,
     load_test_set,
+    prepare_node_dirs,
     read_idx,
     split_indices,
+    split_node_data,
 )
 
 needs_fmnist = pytest.mark.skipif(
@@ -113,3 +116,63 @@ def test_bad_names_and_values_are_refused_with_the_allowed_ones():
         split_indices(np.zeros(10), "dirichlet", 2, alpha=0)
     with pytest.raises(ValueError, match=r"partition-id=4 is out of range 0\.\.3"):
         load_node_data("fashion_mnist", 4, 4)
+
+
+@needs_fmnist
+def test_prepared_node_dirs_load_back_as_disjoint_partitions(tmp_path):
+    folders = prepare_node_dirs(tmp_path, 3, max_examples=50, seed=4)
+    assert [f.name for f in folders] == ["node-0", "node-1", "node-2"]
+    parts = [load_data_dir(f) for f in folders]
+    assert all(p.x.shape == (50, 28, 28, 1) and p.x.dtype == np.uint8 for p in parts)
+    seen = {x.tobytes() for p in parts for x in p.x}
+    assert len(seen) >= 148  # disjoint rows (Fashion-MNIST repeats a few images)
+    node = split_node_data(parts[0], seed=1, stream=0, max_examples=40, val_fraction=0.25)
+    assert len(node.train.y) == 30 and len(node.val.y) == 10
+
+
+def test_image_folders_load_with_labels_from_folder_names(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for label in (0, 3):
+        (tmp_path / str(label)).mkdir()
+        for i in range(2):
+            pixels = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / str(label) / f"{i}.png")
+    (tmp_path / "3" / "notes.txt").write_text("not an image")
+    data = load_data_dir(tmp_path)
+    assert data.x.shape == (4, 20, 24, 1)
+    assert data.y.tolist() == [0, 0, 3, 3]
+    first = np.asarray(Image.open(tmp_path / "0" / "0.png"))
+    np.testing.assert_array_equal(data.x[0, ..., 0], first)
+
+
+def _garbage_file(d):
+    (d / "partition.npz").write_bytes(b"garbage")
+
+
+def _float_images(d):
+    np.savez(d / "partition.npz", x=np.zeros((2, 4, 4), np.float32), y=[0, 1])
+
+
+def _bad_labels(d):
+    np.savez(d / "partition.npz", x=np.zeros((2, 4, 4), np.uint8), y=[0, 12])
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (None, "is not a folder"),
+        (lambda d: None, "holds no examples"),
+        (_garbage_file, "cannot be read"),
+        (_float_images, "expected uint8"),
+        (_bad_labels, "labels 0..12 outside 0..9"),
+    ],
+)
+def test_bad_data_dirs_are_refused_with_one_clear_line(tmp_path, make, message):
+    folder = tmp_path / "missing" if make is None else tmp_path
+    if make is not None:
+        make(folder)
+    with pytest.raises((FileNotFoundError, ValueError), match=message) as err:
+        load_data_dir(folder)
+    assert "\n" not in str(err.value) and "data-dir=" in str(err.value)

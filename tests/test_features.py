@@ -1,0 +1,103 @@
+"""The head-phase feature cache: exact, keyed by what determines it, bounded."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from flwr.app import Array
+
+from fl_app.features import FeatureCache, feature_key
+from fl_app.model import (
+    CONV5_LAYERS,
+    HEAD,
+    build_head,
+    build_model,
+    compile_model,
+    feature_extractor,
+    is_head_variable,
+    reset_optimizer,
+    set_phase,
+    to_arrayrecord,
+)
+
+NUM_CLASSES = 10
+
+
+def _train(model, inputs, y, seed=7):
+    reset_optimizer(model, 1e-3)
+    keras.utils.set_random_seed(seed)
+    model.fit(inputs, y, epochs=2, batch_size=16, verbose=0)
+
+
+def test_training_on_cached_features_equals_training_the_full_model():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
+    y = rng.integers(0, NUM_CLASSES, 64)
+    keras.utils.set_random_seed(1)
+    full = build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
+    set_phase(full, HEAD, CONV5_LAYERS)
+    compile_model(full, 1e-3)
+    head = build_head(NUM_CLASSES)
+    compile_model(head, 1e-3)
+    head.set_weights(
+        [
+            w
+            for v, w in zip(full.weights, full.get_weights(), strict=True)
+            if is_head_variable(v.path)
+        ]
+    )
+    features = feature_extractor(full).predict(x, verbose=0)
+
+    _train(full, x, y)
+    _train(head, features, y)
+
+    trained = {v.path: v.numpy() for v in full.weights if is_head_variable(v.path)}
+    assert [v.path for v in head.weights] == list(trained)
+    for variable in head.weights:
+        np.testing.assert_allclose(variable.numpy(), trained[variable.path], rtol=1e-4, atol=1e-5)
+
+
+def test_key_changes_with_backbone_images_and_input_size_only():
+    model = build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
+    arrays = to_arrayrecord(model)
+    backbone = [k for k in arrays if not is_head_variable(k)]
+    x = np.zeros((4, 28, 28, 1), np.uint8)
+    key = feature_key(arrays, backbone, x, 32)
+
+    assert feature_key(arrays, backbone, x.copy(), 32) == key
+    head_key = next(k for k in arrays if is_head_variable(k))
+    arrays_new_head = to_arrayrecord(model)
+    arrays_new_head[head_key] = Array(np.ones(arrays[head_key].shape, np.float32))
+    assert feature_key(arrays_new_head, backbone, x, 32) == key  # the head does not matter
+    other = build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
+    assert feature_key(to_arrayrecord(other), backbone, x, 32) != key  # new backbone weights
+    changed = x.copy()
+    changed[0, 0, 0, 0] = 1
+    assert feature_key(arrays, backbone, changed, 32) != key  # one pixel
+    assert feature_key(arrays, backbone, x, 64) != key  # input size
+
+
+def test_cache_persists_on_disk_and_evicts_least_recently_used(tmp_path):
+    a, b, c = (np.full((10, 2048), i, np.float32) for i in range(3))  # 80 KiB each
+    cache = FeatureCache(max_bytes=200 * 1024, folder=tmp_path)
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # memory hit; "a" is now the most recent
+
+    fresh = FeatureCache(max_bytes=200 * 1024, folder=tmp_path)  # a new ClientApp process
+    np.testing.assert_array_equal(fresh.get("b"), b)
+    fresh.put("c", c)  # 240 KiB on disk > 200 KiB: the oldest file goes
+    on_disk = sorted(p.stem for p in tmp_path.glob("*.npy"))
+    assert len(on_disk) == 2 and "c" in on_disk
+    assert FeatureCache(max_bytes=10, folder=tmp_path).get("zzz") is None
+
+
+def test_unreadable_entry_is_a_miss_and_memory_only_cache_has_no_folder(tmp_path):
+    (tmp_path / "bad.npy").write_bytes(b"half written")
+    assert FeatureCache(1 << 20, tmp_path).get("bad") is None
+    memory = FeatureCache(1 << 20)
+    memory.put("k", np.ones(3, np.float32))
+    assert memory.get("k") is not None and not list(tmp_path.glob("k.npy"))
+    with pytest.raises(TypeError):
+        FeatureCache()  # the bound is required
