@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,27 +19,45 @@ TINY = [
     "dataset.max_examples_per_node=64",
     "dataset.max_test_examples=100",
 ]
-FLOWER_PROCESSES = "flower-superlink|flower-superexec|flwr-simulation|raylet|gcs_server"
 
 
-def flower_pids() -> set[int]:
-    """PIDs of Flower/Ray processes now running (read-only listing)."""
-    done = subprocess.run(["pgrep", "-f", FLOWER_PROCESSES], capture_output=True, text=True)
-    return {int(pid) for pid in done.stdout.split()}
+def started_under(marker: Path) -> set[int]:
+    """PIDs of live processes whose environment mentions ``marker`` (read-only).
+
+    The launcher's private FLWR_HOME lives in TMPDIR, which the tests point into
+    their own folder; every process the launcher starts inherits it.
+    """
+    found = set()
+    needle = str(marker).encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes():
+                found.add(int(environ.parent.name))
+        except OSError:
+            continue  # ended meanwhile, or not ours to read
+    return found - {os.getpid()}
 
 
-def left_behind(before: set[int], timeout: float = 30) -> set[int]:
-    """Flower/Ray processes that appeared since ``before`` and are still there."""
+def left_behind(marker: Path, timeout: float = 30) -> set[int]:
+    """Processes the launcher started (see ``started_under``) that are still running."""
     deadline = time.monotonic() + timeout
-    while (new := flower_pids() - before) and time.monotonic() < deadline:
+    while (alive := started_under(marker)) and time.monotonic() < deadline:
         time.sleep(1)
-    return new
+    return alive
+
+
+def launcher_env(tmp_path: Path) -> dict[str, str]:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    # Ray would follow TMPDIR too, into socket paths longer than Unix allows.
+    return {**os.environ, "TMPDIR": str(tmp), "RAY_TMPDIR": "/tmp"}
 
 
 def launch(tmp_path: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fl_app.experiment", *args],
         cwd=tmp_path,
+        env=launcher_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -47,7 +66,6 @@ def launch(tmp_path: Path, *args: str, timeout: float = 900) -> subprocess.Compl
 
 
 def test_single_simulation_run_writes_into_the_hydra_folder(tmp_path):
-    before = flower_pids()
     out = tmp_path / "job"
     done = launch(tmp_path, *TINY, f"hydra.run.dir={out}")
 
@@ -74,11 +92,10 @@ def test_single_simulation_run_writes_into_the_hydra_folder(tmp_path):
     accumulator.Reload()
     steps = [e.step for e in accumulator.Tensors("server_accuracy")]
     assert steps == [0, 1, 2]
-    assert left_behind(before) == set()
+    assert left_behind(tmp_path / "tmp") == set()
 
 
 def test_multirun_runs_every_job_and_summarises_the_sweep(tmp_path):
-    before = flower_pids()
     sweep = tmp_path / "sweep"
     done = launch(
         tmp_path,
@@ -101,11 +118,10 @@ def test_multirun_runs_every_job_and_summarises_the_sweep(tmp_path):
         assert float(row["bytes_sent"]) > 0 and float(row["wall_time_s"]) > 0
     png = (sweep / "accuracy.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
-    assert left_behind(before) == set()
+    assert left_behind(tmp_path / "tmp") == set()
 
 
 def test_ctrl_c_stops_the_run_and_everything_the_launcher_started(tmp_path):
-    before = flower_pids()
     out = tmp_path / "job"
     proc = subprocess.Popen(
         [
@@ -117,6 +133,7 @@ def test_ctrl_c_stops_the_run_and_everything_the_launcher_started(tmp_path):
             f"hydra.run.dir={out}",
         ],
         cwd=tmp_path,
+        env=launcher_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -136,7 +153,7 @@ def test_ctrl_c_stops_the_run_and_everything_the_launcher_started(tmp_path):
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "interrupted"
     assert (out / "metrics.json").is_file()  # what was written so far stays
-    assert left_behind(before) == set()
+    assert left_behind(tmp_path / "tmp") == set()
 
 
 @pytest.mark.parametrize("argv", [["federation=deployment", "federation.address=127.0.0.1:1"]])
