@@ -243,7 +243,8 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(130)
-    if not _outcomes or any(outcome != "completed" for outcome in _outcomes):
+    # No outcome at all is fine: --cfg, --info and the like run no job.
+    if any(outcome != "completed" for outcome in _outcomes):
         sys.exit(1)
 
 

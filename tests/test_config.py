@@ -132,3 +132,17 @@ def test_launcher_exits_2_with_one_stderr_line_before_starting_anything(tmp_path
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: dataset.val_fraction=1.5 is not allowed: expected a number in [0, 1)"]
     assert not (tmp_path / "outputs").exists()
+
+
+def test_printing_the_config_runs_nothing_and_exits_0(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "fl_app.experiment", "--cfg", "job", "partitioner=dirichlet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "name: dirichlet" in done.stdout and "num_server_rounds: 3" in done.stdout
+    assert not (tmp_path / "outputs").exists()
