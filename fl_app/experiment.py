@@ -151,8 +151,8 @@ def precheck(argv: list[str]) -> str | None:
     return None
 
 
-def _run_job(cfg: DictConfig, output_dir: Path) -> RunStatus | None:
-    """Run one experiment into ``output_dir``; return its final status."""
+def _run_job(cfg: DictConfig, output_dir: Path) -> None:
+    """Run one experiment into ``output_dir``; record its outcome in ``status.json``."""
     run_config = {**check_config(cfg), "results-dir": str(output_dir)}
     (output_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     fed = cfg.federation
@@ -198,7 +198,6 @@ def _run_job(cfg: DictConfig, output_dir: Path) -> RunStatus | None:
         _write_status(output_dir, outcome, run_id, status, time.monotonic() - started)
         _outcomes.append(outcome)
         shutil.rmtree(flwr_home, ignore_errors=True)
-    return status
 
 
 def _write_status(
