@@ -2,9 +2,10 @@
 
 The Keras models are built and compiled once per process and reused across
 rounds and (in simulation) across the virtual nodes a process serves: a
-rebuild would retrace the training step, ~21 s for a full ResNet50. In the
-head phase, nodes train the head alone on cached backbone features
-(``fl_app.features``), which is exact and skips the backbone entirely.
+rebuild would retrace the training step, ~21 s for a full ResNet50. Nodes
+train only what lies after the frozen part of the model, on its cached output
+(``fl_app.features``): the head on pooled features in the head phase, conv5
+and the head on conv4's output when fine-tuning the conv5 block. Both are exact.
 """
 
 from __future__ import annotations
@@ -21,19 +22,24 @@ from flwr.clientapp import ClientApp
 from fl_app.data import NUM_CLASSES, NodeData, Split, load_data_dir, load_node_data, split_node_data
 from fl_app.features import FeatureCache, feature_key
 from fl_app.model import (
+    CONV5_LAYERS,
     HEAD,
     build_head,
     build_model,
     compile_model,
     feature_extractor,
+    is_conv5_variable,
     is_head_variable,
     load_arrayrecord,
     reset_optimizer,
     set_phase,
+    split_at_conv4,
     to_arrayrecord,
 )
 
 app = ClientApp()
+# Where the frozen part of the model ends: the cache's two boundaries.
+POOLED, CONV4 = "pooled", "conv4"
 # Where a deployed node keeps features across its per-message ClientApp processes.
 DEFAULT_CACHE_DIR = Path("~/.cache/fl_app/features")
 
@@ -45,15 +51,23 @@ def _model(image_shape: tuple[int, ...], input_size: int) -> keras.Model:
 
 
 @functools.cache
-def _extractor(image_shape: tuple[int, ...], input_size: int) -> keras.Model:
-    return feature_extractor(_model(image_shape, input_size))
-
-
-@functools.cache
-def _head() -> keras.Model:
+def _cut(boundary: str, image_shape: tuple[int, ...], input_size: int):
+    """(front, back) of the model at a boundary: front makes activations, back trains on them."""
+    model = _model(image_shape, input_size)
+    if boundary == CONV4:
+        return split_at_conv4(model)
     head = build_head(NUM_CLASSES)
-    compile_model(head, 1e-3)
-    return head
+    compile_model(head, 1e-3)  # always fully trainable: compiled once
+    return feature_extractor(model), head
+
+
+def _frozen_keys(arrays: ArrayRecord, boundary: str) -> list[str]:
+    """The arrays of the layers before ``boundary``: what its activations depend on."""
+    return [
+        key
+        for key in arrays
+        if not is_head_variable(key) and (boundary == POOLED or not is_conv5_variable(key))
+    ]
 
 
 @functools.cache
@@ -98,31 +112,36 @@ def _global_model(arrays: ArrayRecord, context: Context, image_shape: tuple[int,
     return model
 
 
-def _features(
-    arrays: ArrayRecord, split: Split, context: Context, cache: FeatureCache, compute: bool
+def _activations(
+    arrays: ArrayRecord,
+    split: Split,
+    context: Context,
+    cache: FeatureCache,
+    boundary: str,
+    compute: bool,
 ) -> np.ndarray | None:
-    """Pooled backbone features of ``split`` under the received backbone, from the cache.
+    """Activations of ``split`` at ``boundary`` under the received weights, from the cache.
 
     On a miss they are computed (when ``compute``) with the full model and stored.
     """
     input_size = int(context.run_config["input-size"])
-    backbone = [key for key in arrays if not is_head_variable(key)]
-    key = feature_key(arrays, backbone, split.x, input_size)
-    features = cache.get(key)
-    if features is None and compute:
+    key = feature_key(arrays, _frozen_keys(arrays, boundary), split.x, input_size, boundary)
+    activations = cache.get(key)
+    if activations is None and compute:
         image_shape = split.x.shape[1:]
         _global_model(arrays, context, image_shape)
-        features = _extractor(image_shape, input_size).predict(
+        front, _ = _cut(boundary, image_shape, input_size)
+        activations = front.predict(
             split.x, batch_size=int(context.run_config["batch-size"]), verbose=0
         )
-        cache.put(key, features)
-    return features
+        cache.put(key, activations)
+    return activations
 
 
-def _load_head(arrays: ArrayRecord) -> keras.Model:
-    head = _head()
-    head.set_weights([arrays[v.path].numpy() for v in head.weights])
-    return head
+def _load(model: keras.Model, arrays: ArrayRecord) -> keras.Model:
+    """Set a part of the model from the full model's arrays (same variable paths)."""
+    model.set_weights([arrays[v.path].numpy() for v in model.weights])
+    return model
 
 
 def _seed(context: Context, server_round: int) -> None:
@@ -140,18 +159,24 @@ def train(msg: Message, context: Context) -> Message:
     arrays = msg.content["arrays"]
     config = msg.content["config"]
     learning_rate = float(config["learning-rate"])
-    cache = _feature_cache(context) if config["phase"] == HEAD else None
-    if cache is not None:
-        inputs = _features(arrays, data.train, context, cache, compute=True)
-        # Validation features too, so this round's evaluation finds them.
-        _features(arrays, data.val, context, cache, compute=len(data.val.y) > 0)
-        model = _load_head(arrays)
+    phase, fine_tune_layers = str(config["phase"]), int(config["fine-tune-layers"])
+    image_shape, input_size = data.train.x.shape[1:], int(context.run_config["input-size"])
+    full = _model(image_shape, input_size)
+    changed = set_phase(full, phase, fine_tune_layers)
+    cache = _feature_cache(context)
+    # The frozen part ends at the pooled features (head phase) or, when exactly the conv5
+    # block trains, at conv4's output; other cuts leave residual branches across them.
+    boundary = POOLED if phase == HEAD else CONV4 if fine_tune_layers == CONV5_LAYERS else None
+    if cache is not None and boundary is not None:
+        inputs = _activations(arrays, data.train, context, cache, boundary, compute=True)
+        # Validation activations too, so this round's evaluation finds them.
+        _activations(arrays, data.val, context, cache, boundary, compute=len(data.val.y) > 0)
+        model = _load(_cut(boundary, image_shape, input_size)[1], arrays)
     else:
-        inputs = data.train.x
-        model = _global_model(arrays, context, data.train.x.shape[1:])
-        changed = set_phase(model, str(config["phase"]), int(config["fine-tune-layers"]))
-        if changed or not model.compiled:
-            compile_model(model, learning_rate)
+        inputs, model = data.train.x, _global_model(arrays, context, image_shape)
+    # set_phase changed which layers train: every model sharing them needs compiling.
+    if changed or not model.compiled:
+        compile_model(model, learning_rate)
     reset_optimizer(model, learning_rate)
     _seed(context, int(config["server-round"]))
     start = time.perf_counter()
@@ -163,8 +188,8 @@ def train(msg: Message, context: Context) -> Message:
         verbose=0,
     )
     train_time = time.perf_counter() - start
-    if cache is not None:
-        # The backbone did not change: send back what came, with the new head.
+    if model is not full:
+        # The frozen part did not change: send back what came, with the trained part.
         reply = ArrayRecord(dict(arrays.items()))
         for variable in model.weights:
             reply[variable.path] = Array(np.asarray(variable.numpy()))
@@ -187,13 +212,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = _node_data(context).val
     arrays = msg.content["arrays"]
     cache = _feature_cache(context)
-    features = _features(arrays, data, context, cache, compute=False) if cache else None
-    if features is not None:
-        model, inputs = _load_head(arrays), features
-    else:
-        model, inputs = _global_model(arrays, context, data.x.shape[1:]), data.x
-        if not model.compiled:
-            compile_model(model, 0.0)
+    image_shape, input_size = data.x.shape[1:], int(context.run_config["input-size"])
+    model, inputs = None, data.x
+    # Training put this round's validation activations in the cache, if it could.
+    for boundary in (POOLED, CONV4) if cache is not None else ():
+        activations = _activations(arrays, data, context, cache, boundary, compute=False)
+        if activations is not None:
+            model, inputs = _load(_cut(boundary, image_shape, input_size)[1], arrays), activations
+            break
+    if model is None:
+        model = _global_model(arrays, context, image_shape)
+    if not model.compiled:
+        compile_model(model, 0.0)
     loss, accuracy = model.evaluate(
         inputs, data.y, batch_size=int(context.run_config["batch-size"]), verbose=0
     )

@@ -1,12 +1,14 @@
-"""Cache of a node's pooled backbone features while the backbone is frozen.
+"""Cache of a node's activations at the boundary of the frozen part of the model.
 
-In the head phase only the two Dense layers train, on features the frozen
-backbone computes identically every round. A node computes them once, keyed
-by everything that determines them (the backbone's weights, the images, the
-input size, this code's version), and later rounds train the head alone on
-them: no ResNet50 forward pass, and in a deployment's fresh ClientApp process
-no ResNet50 build or trace either. A changed backbone or data gives another key,
-so a stale entry is never used.
+In the head phase only the two Dense layers train, on pooled features the
+frozen backbone computes identically every round; in the fine-tune phase (conv5
+unfrozen) everything before conv5 is frozen, so its output is fixed too. A node
+computes those activations once, keyed by everything that determines them (the
+frozen layers' weights, the images, the input size, the boundary, this code's
+version), and later rounds train only what lies after the boundary: far less
+compute, and in a deployment's fresh ClientApp process a far smaller model to
+trace. A changed frozen part or data gives another key, so a stale entry is
+never used.
 
 Entries live in memory (simulation: the Ray actor process serves every round)
 and, given a folder, on disk as well (deployment: each message starts a new
@@ -30,13 +32,21 @@ FEATURE_VERSION = f"1/keras-{keras.__version__}"
 
 
 def feature_key(
-    arrays: ArrayRecord, backbone_keys: Iterable[str], images: np.ndarray, input_size: int
+    arrays: ArrayRecord,
+    frozen_keys: Iterable[str],
+    images: np.ndarray,
+    input_size: int,
+    boundary: str = "pooled",
 ) -> str:
-    """A digest of everything the pooled features of ``images`` depend on."""
+    """A digest of everything the activations of ``images`` at ``boundary`` depend on.
+
+    ``frozen_keys`` name the arrays of the layers before the boundary.
+    """
     digest = hashlib.blake2b(digest_size=20)
-    digest.update(f"{FEATURE_VERSION}|{input_size}|{images.dtype}|{images.shape}".encode())
+    header = f"{FEATURE_VERSION}|{boundary}|{input_size}|{images.dtype}|{images.shape}"
+    digest.update(header.encode())
     digest.update(np.ascontiguousarray(images).data)
-    for key in sorted(backbone_keys):
+    for key in sorted(frozen_keys):
         # The serialised bytes carry dtype and shape too; no need to decode them.
         digest.update(key.encode())
         digest.update(arrays[key].data)

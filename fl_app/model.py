@@ -24,6 +24,8 @@ BACKBONE_LAYERS = 175
 CONV5_LAYERS = 32
 BACKBONE = "resnet50"
 POOL = "avg_pool"
+# The conv4 block's output: the input of conv5, the block the fine-tune phase trains.
+CONV4_OUT = "conv4_block6_out"
 HEAD_LAYERS = ("head_dense", "predictions")
 # Width of ResNet50's pooled output, the head's input.
 FEATURES = 2048
@@ -123,6 +125,31 @@ def build_head(num_classes: int) -> keras.Model:
 def feature_extractor(model: keras.Model) -> keras.Model:
     """The model up to the pooled backbone features (sharing its layers and weights)."""
     return keras.Model(model.input, model.get_layer(POOL).output, name="fl_app_features")
+
+
+def split_at_conv4(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """Cut the model where the conv5 block starts, sharing its layers and weights.
+
+    Returns ``(front, back)``: ``front`` maps images to the conv4 block's output,
+    ``back`` (conv5, pooling, head) maps that to class probabilities. With only
+    conv5 and the head trainable, training ``back`` on ``front``'s outputs is
+    training the full model: the frozen front gives the same output every time.
+    """
+    base = model.get_layer(BACKBONE)
+    boundary = base.get_layer(CONV4_OUT).output
+    to_conv4 = keras.Model(base.input, boundary)
+    front = keras.Model(model.input, to_conv4(model.get_layer("preprocessing").output))
+    conv5 = keras.Model(boundary, base.output)
+    inputs = keras.Input(shape=boundary.shape[1:], name="conv4_activations")
+    x = model.get_layer(POOL)(conv5(inputs))
+    for name in HEAD_LAYERS:
+        x = model.get_layer(name)(x)
+    return front, keras.Model(inputs, x, name="fl_app_conv5_head")
+
+
+def is_conv5_variable(path: str) -> bool:
+    """Whether a variable path belongs to the backbone's conv5 block."""
+    return path.startswith("conv5_")
 
 
 def is_head_variable(path: str) -> bool:

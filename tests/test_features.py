@@ -10,6 +10,7 @@ from flwr.app import Array
 from fl_app.features import FeatureCache, feature_key
 from fl_app.model import (
     CONV5_LAYERS,
+    FINE_TUNE,
     HEAD,
     build_head,
     build_model,
@@ -18,6 +19,7 @@ from fl_app.model import (
     is_head_variable,
     reset_optimizer,
     set_phase,
+    split_at_conv4,
     to_arrayrecord,
 )
 
@@ -58,6 +60,29 @@ def test_training_on_cached_features_equals_training_the_full_model():
         np.testing.assert_allclose(variable.numpy(), trained[variable.path], rtol=1e-4, atol=1e-5)
 
 
+def test_training_conv5_on_cached_conv4_activations_equals_fine_tuning_the_full_model():
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (48, 28, 28, 1), dtype=np.uint8)
+    y = rng.integers(0, NUM_CLASSES, 48)
+    keras.utils.set_random_seed(3)
+    full = build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
+    set_phase(full, FINE_TUNE, CONV5_LAYERS)
+    start = full.get_weights()
+    front, back = split_at_conv4(full)
+    activations = front.predict(x, verbose=0)
+    compile_model(full, 1e-3)
+    _train(full, x, y)
+    trained = {v.path: v.numpy() for v in full.weights}
+
+    full.set_weights(start)  # back shares full's layers: start again from the same weights
+    compile_model(back, 1e-3)
+    _train(back, activations, y)
+
+    assert {v.path for v in back.trainable_weights} == {v.path for v in full.trainable_weights}
+    for variable in back.weights:
+        np.testing.assert_allclose(variable.numpy(), trained[variable.path], rtol=1e-3, atol=1e-4)
+
+
 def test_key_changes_with_backbone_images_and_input_size_only():
     model = build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
     arrays = to_arrayrecord(model)
@@ -76,6 +101,7 @@ def test_key_changes_with_backbone_images_and_input_size_only():
     changed[0, 0, 0, 0] = 1
     assert feature_key(arrays, backbone, changed, 32) != key  # one pixel
     assert feature_key(arrays, backbone, x, 64) != key  # input size
+    assert feature_key(arrays, backbone, x, 32, boundary="conv4") != key
 
 
 def test_cache_persists_on_disk_and_evicts_least_recently_used(tmp_path):
