@@ -51,14 +51,34 @@ def _model(image_shape: tuple[int, ...], input_size: int) -> keras.Model:
 
 
 @functools.cache
-def _cut(boundary: str, image_shape: tuple[int, ...], input_size: int):
-    """(front, back) of the model at a boundary: front makes activations, back trains on them."""
-    model = _model(image_shape, input_size)
+def _split(image_shape: tuple[int, ...], input_size: int) -> tuple[keras.Model, keras.Model]:
+    return split_at_conv4(_model(image_shape, input_size))
+
+
+def _front(boundary: str, image_shape: tuple[int, ...], input_size: int) -> keras.Model:
+    """The frozen part up to ``boundary``: images in, activations out."""
     if boundary == CONV4:
-        return split_at_conv4(model)
+        return _split(image_shape, input_size)[0]
+    return _extractor(image_shape, input_size)
+
+
+def _back(boundary: str, image_shape: tuple[int, ...], input_size: int) -> keras.Model:
+    """What trains after ``boundary``; the head alone needs no ResNet50 built."""
+    if boundary == CONV4:
+        return _split(image_shape, input_size)[1]
+    return _head()
+
+
+@functools.cache
+def _extractor(image_shape: tuple[int, ...], input_size: int) -> keras.Model:
+    return feature_extractor(_model(image_shape, input_size))
+
+
+@functools.cache
+def _head() -> keras.Model:
     head = build_head(NUM_CLASSES)
     compile_model(head, 1e-3)  # always fully trainable: compiled once
-    return feature_extractor(model), head
+    return head
 
 
 def _frozen_keys(arrays: ArrayRecord, boundary: str) -> list[str]:
@@ -130,8 +150,7 @@ def _activations(
     if activations is None and compute:
         image_shape = split.x.shape[1:]
         _global_model(arrays, context, image_shape)
-        front, _ = _cut(boundary, image_shape, input_size)
-        activations = front.predict(
+        activations = _front(boundary, image_shape, input_size).predict(
             split.x, batch_size=int(context.run_config["batch-size"]), verbose=0
         )
         cache.put(key, activations)
@@ -161,8 +180,6 @@ def train(msg: Message, context: Context) -> Message:
     learning_rate = float(config["learning-rate"])
     phase, fine_tune_layers = str(config["phase"]), int(config["fine-tune-layers"])
     image_shape, input_size = data.train.x.shape[1:], int(context.run_config["input-size"])
-    full = _model(image_shape, input_size)
-    changed = set_phase(full, phase, fine_tune_layers)
     cache = _feature_cache(context)
     # The frozen part ends at the pooled features (head phase) or, when exactly the conv5
     # block trains, at conv4's output; other cuts leave residual branches across them.
@@ -171,10 +188,14 @@ def train(msg: Message, context: Context) -> Message:
         inputs = _activations(arrays, data.train, context, cache, boundary, compute=True)
         # Validation activations too, so this round's evaluation finds them.
         _activations(arrays, data.val, context, cache, boundary, compute=len(data.val.y) > 0)
-        model = _load(_cut(boundary, image_shape, input_size)[1], arrays)
+        model = _load(_back(boundary, image_shape, input_size), arrays)
     else:
         inputs, model = data.train.x, _global_model(arrays, context, image_shape)
-    # set_phase changed which layers train: every model sharing them needs compiling.
+    # conv5 + head and the full model share ResNet50's layers; the lone head does not.
+    changed = model is not _head() and set_phase(
+        _model(image_shape, input_size), phase, fine_tune_layers
+    )
+    # set_phase changed which layers train: the model that trains needs compiling.
     if changed or not model.compiled:
         compile_model(model, learning_rate)
     reset_optimizer(model, learning_rate)
@@ -188,7 +209,7 @@ def train(msg: Message, context: Context) -> Message:
         verbose=0,
     )
     train_time = time.perf_counter() - start
-    if model is not full:
+    if boundary is not None and cache is not None:
         # The frozen part did not change: send back what came, with the trained part.
         reply = ArrayRecord(dict(arrays.items()))
         for variable in model.weights:
@@ -218,7 +239,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     for boundary in (POOLED, CONV4) if cache is not None else ():
         activations = _activations(arrays, data, context, cache, boundary, compute=False)
         if activations is not None:
-            model, inputs = _load(_cut(boundary, image_shape, input_size)[1], arrays), activations
+            model, inputs = _load(_back(boundary, image_shape, input_size), arrays), activations
             break
     if model is None:
         model = _global_model(arrays, context, image_shape)

@@ -32,6 +32,7 @@ class SimulationRunner:
         self.cli = cli
 
     def run(self, results_dir: Path, run_config: dict[str, object], num_supernodes: int = 2):
+        results_dir.mkdir(parents=True, exist_ok=True)
         run_dir = results_dir / "run"
         run_id = self.cli.submit(
             REPO,

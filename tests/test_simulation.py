@@ -68,6 +68,25 @@ def test_two_rounds_on_two_supernodes_write_metrics_and_a_loadable_model(superli
     assert accuracy == pytest.approx(rounds[-1]["server_accuracy"], abs=1e-6)
 
 
+def test_the_activation_cache_changes_no_result(superlink, tmp_path):
+    # Round 2 trains the head on cached features, round 3 conv5 on cached conv4 output.
+    config = {**TINY, "num-server-rounds": 3, "head-rounds": 2}
+    cached = superlink.run(tmp_path / "cached", {**config, "feature-cache": True})
+    full = superlink.run(tmp_path / "full", {**config, "feature-cache": False})
+
+    assert cached.status == full.status == "finished:completed", cached.details + full.details
+    rounds = [
+        json.loads((r.run_dir / "metrics.json").read_text())["rounds"] for r in (cached, full)
+    ]
+    assert [r.get("phase") for r in rounds[0]] == [None, HEAD, HEAD, FINE_TUNE]
+    for with_cache, without in zip(*rounds, strict=True):
+        for key in ("train_loss", "eval_loss", "server_loss"):
+            if key in without:
+                assert with_cache[key] == pytest.approx(without[key], rel=1e-3), key
+        # Accuracies on 200 test images: at most one prediction may flip.
+        assert with_cache["server_accuracy"] == pytest.approx(without["server_accuracy"], abs=0.006)
+
+
 def test_a_bad_value_fails_the_run_with_one_clear_line(superlink, tmp_path):
     run = superlink.run(tmp_path, {**TINY, "input-size": 16})
 
