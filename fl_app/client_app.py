@@ -184,7 +184,8 @@ def train(msg: Message, context: Context) -> Message:
     # The frozen part ends at the pooled features (head phase) or, when exactly the conv5
     # block trains, at conv4's output; other cuts leave residual branches across them.
     boundary = POOLED if phase == HEAD else CONV4 if fine_tune_layers == CONV5_LAYERS else None
-    if cache is not None and boundary is not None:
+    on_activations = cache is not None and boundary is not None
+    if on_activations:
         inputs = _activations(arrays, data.train, context, cache, boundary, compute=True)
         # Validation activations too, so this round's evaluation finds them.
         _activations(arrays, data.val, context, cache, boundary, compute=len(data.val.y) > 0)
@@ -192,7 +193,8 @@ def train(msg: Message, context: Context) -> Message:
     else:
         inputs, model = data.train.x, _global_model(arrays, context, image_shape)
     # conv5 + head and the full model share ResNet50's layers; the lone head does not.
-    changed = model is not _head() and set_phase(
+    shares_backbone = not (on_activations and boundary == POOLED)
+    changed = shares_backbone and set_phase(
         _model(image_shape, input_size), phase, fine_tune_layers
     )
     # set_phase changed which layers train: the model that trains needs compiling.
@@ -209,7 +211,7 @@ def train(msg: Message, context: Context) -> Message:
         verbose=0,
     )
     train_time = time.perf_counter() - start
-    if boundary is not None and cache is not None:
+    if on_activations:
         # The frozen part did not change: send back what came, with the trained part.
         reply = ArrayRecord(dict(arrays.items()))
         for variable in model.weights:

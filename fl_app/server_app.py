@@ -37,7 +37,11 @@ def initial_model(
 ) -> tuple[keras.Model, str]:
     """Build the global model and say how its weights started.
 
-    Returns the model and ``"imagenet"``, ``"random"`` or ``"file:<path>"``.
+    Returns the model and ``"imagenet"``, ``"random"`` or ``"file:<path>"``. A
+    random start follows the run's seed but did once differ between two runs with
+    the same seed (in CI; cause not pinned down — Keras draws initializer seeds
+    from Python's global ``random``, which other code in the simulation process
+    may also draw from). For a start that surely repeats, pass a weights file.
     """
     if weights == "none":
         return build_model(NUM_CLASSES, image_shape, input_size), "random"

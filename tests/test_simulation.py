@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import log_lines
 
-from fl_app.data import load_test_set
-from fl_app.model import FINE_TUNE, HEAD
+from fl_app.data import NUM_CLASSES, load_test_set
+from fl_app.model import FINE_TUNE, HEAD, build_model
 
 TINY = {
     "num-server-rounds": 2,
@@ -70,7 +70,12 @@ def test_two_rounds_on_two_supernodes_write_metrics_and_a_loadable_model(superli
 
 def test_the_activation_cache_changes_no_result(superlink, tmp_path):
     # Round 2 trains the head on cached features, round 3 conv5 on cached conv4 output.
-    config = {**TINY, "num-server-rounds": 3, "head-rounds": 2}
+    # Both runs start from one weights file: a random init drawn in the ServerApp is not
+    # reproducible across runs (see the note in server_app.initial_model).
+    start = tmp_path / "start.weights.h5"
+    keras.utils.set_random_seed(0)
+    build_model(NUM_CLASSES, (28, 28, 1), 32).save_weights(start)
+    config = {**TINY, "num-server-rounds": 3, "head-rounds": 2, "weights": str(start)}
     cached = superlink.run(tmp_path / "cached", {**config, "feature-cache": True})
     full = superlink.run(tmp_path / "full", {**config, "feature-cache": False})
 
