@@ -420,7 +420,7 @@ def make_node_keys(out_dir: str | os.PathLike, names: Sequence[str]) -> list[Nod
 def node_config(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
     """The ``--node-config`` value: ``data-dir="/abs/path"`` [``cache-dir="/abs/path"``].
 
-    ``cache-dir`` is where the node keeps head-phase features between its
+    ``cache-dir`` is where the node keeps cached activations between its
     ClientApp processes (default ``~/.cache/fl_app/features``).
     """
     entries = {"data-dir": data_dir, "cache-dir": cache_dir}
@@ -517,7 +517,7 @@ def supernode_command(
     host : str
         The address of that Runtime API.
     cache_dir : str or os.PathLike, optional
-        Where the node caches head-phase features (see `node_config`).
+        Where the node caches activations of the frozen part (see `node_config`).
 
     Returns
     -------
