@@ -19,7 +19,17 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_app.compression import compression_mod
 from fl_app.data import NUM_CLASSES, NodeData, Split, load_data_dir, load_node_data, split_node_data
+from fl_app.exchange import (
+    BASE,
+    BASE_DISK_BYTES,
+    BASE_HASH,
+    BASE_MEMORY_BYTES,
+    BaseStore,
+    assemble,
+    base_hash,
+)
 from fl_app.features import FeatureCache, feature_key
 from fl_app.model import (
     CONV5_LAYERS,
@@ -34,14 +44,13 @@ from fl_app.model import (
     reset_optimizer,
     set_phase,
     split_at_conv4,
-    to_arrayrecord,
 )
 
-app = ClientApp()
+app = ClientApp(mods=[compression_mod])
 # Where the frozen part of the model ends: the cache's two boundaries.
 POOLED, CONV4 = "pooled", "conv4"
-# Where a deployed node keeps features across its per-message ClientApp processes.
-DEFAULT_CACHE_DIR = Path("~/.cache/fl_app/features")
+# Where a node keeps features and its base model across its ClientApp processes.
+DEFAULT_CACHE_DIR = Path("~/.cache/fl_app")
 
 
 @functools.cache
@@ -95,12 +104,43 @@ def _cache_store(max_bytes: int, folder: str | None) -> FeatureCache:
     return FeatureCache(max_bytes, Path(folder) if folder else None)
 
 
+def _cache_dir(context: Context) -> Path:
+    return Path(str(context.node_config.get("cache-dir", DEFAULT_CACHE_DIR))).expanduser()
+
+
 def _feature_cache(context: Context) -> FeatureCache | None:
-    cfg, node = context.run_config, context.node_config
+    cfg = context.run_config
     if not cfg["feature-cache"]:
         return None
-    folder = node.get("cache-dir") or (DEFAULT_CACHE_DIR if "data-dir" in node else None)
+    # In simulation the Ray actor serves every round: memory is enough.
+    folder = _cache_dir(context) / "features" if "data-dir" in context.node_config else None
     return _cache_store(int(cfg["feature-cache-mb"]) * 2**20, str(folder) if folder else None)
+
+
+@functools.cache
+def _base_store(folder: str) -> BaseStore:
+    return BaseStore(BASE_DISK_BYTES, Path(folder), BASE_MEMORY_BYTES)
+
+
+def _received_model(msg: Message, context: Context) -> ArrayRecord:
+    """The global model: the arrays that came, over the base this node stores."""
+    arrays, config = msg.content["arrays"], msg.content["config"]
+    if BASE_HASH not in config:  # full exchange: everything came
+        return arrays
+    # On disk in simulation too: a virtual node's next round may run in another actor.
+    name, store = str(config[BASE_HASH]), _base_store(str(_cache_dir(context) / "bases"))
+    if BASE in msg.content.array_records:
+        base = msg.content[BASE]
+        if base_hash(base) != name:
+            raise ValueError(f"the base model received does not match its hash {name[:12]}")
+        store.put(name, base)
+    else:
+        base = store.get(name)
+        if base is None:
+            raise LookupError(
+                f"this node does not hold base model {name[:12]}; the server resends it"
+            )
+    return assemble(base, arrays)
 
 
 def _node_data(context: Context) -> NodeData:
@@ -175,7 +215,7 @@ def _seed(context: Context, server_round: int) -> None:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local training split."""
     data = _node_data(context)
-    arrays = msg.content["arrays"]
+    arrays = _received_model(msg, context)
     config = msg.content["config"]
     learning_rate = float(config["learning-rate"])
     phase, fine_tune_layers = str(config["phase"]), int(config["fine-tune-layers"])
@@ -211,13 +251,14 @@ def train(msg: Message, context: Context) -> Message:
         verbose=0,
     )
     train_time = time.perf_counter() - start
-    if on_activations:
-        # The frozen part did not change: send back what came, with the trained part.
-        reply = ArrayRecord(dict(arrays.items()))
-        for variable in model.weights:
-            reply[variable.path] = Array(np.asarray(variable.numpy()))
-    else:
-        reply = to_arrayrecord(model)
+    # Reply with the keys that came; only those the model trained can have changed.
+    trained = {variable.path: variable for variable in model.weights}
+    reply = ArrayRecord(
+        {
+            key: Array(np.asarray(trained[key].numpy())) if key in trained else array
+            for key, array in msg.content["arrays"].items()
+        }
+    )
     metrics = MetricRecord(
         {
             "num-examples": len(data.train.y),
@@ -233,7 +274,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split."""
     data = _node_data(context).val
-    arrays = msg.content["arrays"]
+    arrays = _received_model(msg, context)
     cache = _feature_cache(context)
     image_shape, input_size = data.x.shape[1:], int(context.run_config["input-size"])
     model, inputs = None, data.x

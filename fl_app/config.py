@@ -25,7 +25,9 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from fl_app.compression import METHODS
 from fl_app.data import DATASETS, PARTITIONERS
+from fl_app.exchange import EXCHANGES
 from fl_app.model import BACKBONE_LAYERS, CONV5_LAYERS, MIN_INPUT_SIZE
 
 LAUNCHER_GROUPS = ("federation",)
@@ -64,6 +66,8 @@ RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
         WEIGHT_CHOICES,
     ),
     "strict-weights": (bool, lambda v: True, "true or false"),
+    "exchange": (str, lambda v: v in EXCHANGES, "one of " + ", ".join(EXCHANGES)),
+    "compression": (str, lambda v: v in METHODS, "one of " + ", ".join(METHODS)),
     "feature-cache": (bool, lambda v: True, "true or false"),
     "feature-cache-mb": (int, lambda v: v >= 1, "an integer >= 1 (megabytes)"),
     "dataset": (str, lambda v: v in DATASETS, "one of " + ", ".join(DATASETS)),
@@ -189,6 +193,8 @@ class StrategyConfig:
     min_train_nodes: int = MISSING
     min_evaluate_nodes: int = MISSING
     min_available_nodes: int = MISSING
+    exchange: str = MISSING
+    compression: str = MISSING
 
 
 @dataclass

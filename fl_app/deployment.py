@@ -420,8 +420,8 @@ def make_node_keys(out_dir: str | os.PathLike, names: Sequence[str]) -> list[Nod
 def node_config(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
     """The ``--node-config`` value: ``data-dir="/abs/path"`` [``cache-dir="/abs/path"``].
 
-    ``cache-dir`` is where the node keeps cached activations between its
-    ClientApp processes (default ``~/.cache/fl_app/features``).
+    ``cache-dir`` is where the node keeps cached activations and its base model
+    between its ClientApp processes (default ``~/.cache/fl_app``).
     """
     entries = {"data-dir": data_dir, "cache-dir": cache_dir}
     return " ".join(

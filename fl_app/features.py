@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -46,11 +48,16 @@ def feature_key(
     header = f"{FEATURE_VERSION}|{boundary}|{input_size}|{images.dtype}|{images.shape}"
     digest.update(header.encode())
     digest.update(np.ascontiguousarray(images).data)
-    for key in sorted(frozen_keys):
+    digest_arrays(digest, arrays, sorted(frozen_keys))
+    return digest.hexdigest()
+
+
+def digest_arrays(digest: Any, arrays: ArrayRecord, keys: Iterable[str]) -> None:
+    """Feed the named arrays, with their keys, into a ``hashlib`` digest."""
+    for key in keys:
         # The serialised bytes carry dtype and shape too; no need to decode them.
         digest.update(key.encode())
         digest.update(arrays[key].data)
-    return digest.hexdigest()
 
 
 class FeatureCache:
@@ -59,44 +66,56 @@ class FeatureCache:
     Parameters
     ----------
     max_bytes : int
-        Bound on the memory entries and, separately, on the folder's ``.npy`` files.
+        Bound on the folder's entry files and, unless ``memory_bytes`` is given,
+        separately on the memory entries.
     folder : Path or None
         Where entries persist across processes; ``None`` keeps them in memory only.
+    memory_bytes : int, optional
+        Bound on the memory entries.
+
+    Subclasses store other values by overriding ``SUFFIX``, ``_read``,
+    ``_write`` and ``_size``.
     """
 
-    def __init__(self, max_bytes: int, folder: Path | None = None) -> None:
-        self.max_bytes = max_bytes
-        self.folder = Path(folder).expanduser() if folder is not None else None
-        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
+    SUFFIX = ".npy"
 
-    def get(self, key: str) -> np.ndarray | None:
-        """The features stored under ``key``, or ``None``."""
+    def __init__(
+        self, max_bytes: int, folder: Path | None = None, memory_bytes: int | None = None
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.memory_bytes = max_bytes if memory_bytes is None else memory_bytes
+        self.folder = Path(folder).expanduser() if folder is not None else None
+        self._memory: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any | None:
+        """The entry stored under ``key``, or ``None``."""
         if key in self._memory:
             self._memory.move_to_end(key)
             return self._memory[key]
         if self.folder is None:
             return None
-        path = self.folder / f"{key}.npy"
+        path = self.folder / f"{key}{self.SUFFIX}"
         try:
-            features = np.load(path)
-        except (OSError, ValueError):  # absent, or half-written by a killed process
+            value = self._read(path)
+        except (OSError, ValueError, zipfile.BadZipFile):  # absent, or half-written
             return None
         os.utime(path)  # mark as recently used for eviction
-        self._remember(key, features)
-        return features
+        self._remember(key, value)
+        return value
 
-    def put(self, key: str, features: np.ndarray) -> None:
-        """Store features under ``key`` (skipped when larger than the whole budget)."""
-        if features.nbytes > self.max_bytes:
+    def put(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key`` (skipped when larger than the whole budget)."""
+        if self._size(value) > max(self.max_bytes, self.memory_bytes):
             return
-        self._remember(key, features)
+        self._remember(key, value)
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        partial = self.folder / f".{key}.{os.getpid()}.partial.npy"
-        np.save(partial, features)
-        os.replace(partial, self.folder / f"{key}.npy")
-        files = sorted(self.folder.glob("*.npy"), key=lambda p: p.stat().st_mtime)
+        # Write then rename: a process killed mid-write leaves no half entry behind.
+        partial = self.folder / f".{key}.{os.getpid()}.partial{self.SUFFIX}"
+        self._write(partial, value)
+        os.replace(partial, self.folder / f"{key}{self.SUFFIX}")
+        files = sorted(self.folder.glob(f"*{self.SUFFIX}"), key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in files)
         for old in files:
             if total <= self.max_bytes:
@@ -104,8 +123,17 @@ class FeatureCache:
             total -= old.stat().st_size
             old.unlink(missing_ok=True)
 
-    def _remember(self, key: str, features: np.ndarray) -> None:
-        self._memory[key] = features
+    def _read(self, path: Path) -> np.ndarray:
+        return np.load(path)
+
+    def _write(self, path: Path, value: np.ndarray) -> None:
+        np.save(path, value)
+
+    def _size(self, value: np.ndarray) -> int:
+        return value.nbytes
+
+    def _remember(self, key: str, value: Any) -> None:
+        self._memory[key] = value
         self._memory.move_to_end(key)
-        while sum(f.nbytes for f in self._memory.values()) > self.max_bytes:
+        while sum(self._size(v) for v in self._memory.values()) > self.memory_bytes:
             self._memory.popitem(last=False)

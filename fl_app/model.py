@@ -185,6 +185,20 @@ def set_phase(model: keras.Model, phase: str, fine_tune_layers: int) -> bool:
     return before != [layer.trainable for layer in base.layers]
 
 
+def trainable_keys(model: keras.Model, fine_tune_layers: int) -> dict[str, list[str]]:
+    """Per phase, the paths of the variables training changes, in model order.
+
+    Leaves the model in the head phase.
+    """
+    keys = {}
+    for phase in PHASES:
+        set_phase(model, phase, fine_tune_layers)
+        trainable = {variable.path for variable in model.trainable_weights}
+        keys[phase] = [v.path for v in model.weights if v.path in trainable]
+    set_phase(model, HEAD, fine_tune_layers)
+    return keys
+
+
 def compile_model(model: keras.Model, learning_rate: float) -> None:
     """Compile with Adam and sparse categorical cross-entropy."""
     model.compile(

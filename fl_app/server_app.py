@@ -26,6 +26,7 @@ from fl_app.model import (
     compile_model,
     load_arrayrecord,
     to_arrayrecord,
+    trainable_keys,
 )
 from fl_app.strategy import TransferFedAvg, TransferSchedule
 
@@ -159,6 +160,9 @@ def main(grid: Grid, context: Context) -> None:
         save_model=_saver(model),
         run_info={"init": init},
         on_round_end=_tensorboard(run_dir),
+        trainable_keys=trainable_keys(model, int(cfg["fine-tune-layers"])),
+        exchange=str(cfg["exchange"]),
+        compression=str(cfg["compression"]),
         fraction_train=float(cfg["fraction-train"]),
         fraction_evaluate=float(cfg["fraction-evaluate"]),
         min_train_nodes=int(cfg["min-train-nodes"]),

@@ -4,7 +4,9 @@
 stock FedAvg, but first rejects malformed replies (one log line each, naming
 the node), keeps the previous global model when too few valid replies are
 left, sends each round's phase and learning rate, and writes ``metrics.json``
-and ``best.keras``/``final.keras`` into the run folder as it goes.
+and ``best.keras``/``final.keras`` into the run folder as it goes. Rounds
+carry only the arrays that train (``fl_app.exchange``), optionally compressed
+(``fl_app.compression``); bytes each way are recorded per round.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -25,6 +27,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
+from fl_app.compression import METHODS, RECORD, UPLOAD_ERROR, decode, encode
+from fl_app.exchange import BASE, BASE_HASH, EXCHANGES, base_hash, differing_keys
 from fl_app.model import FINE_TUNE, HEAD
 
 TRAIN_METRICS = ("train_loss", "train_accuracy", "train_time")
@@ -95,6 +99,14 @@ class TransferFedAvg(FedAvg):
         Extra top-level entries of ``metrics.json`` (e.g. how weights started).
     on_round_end : Callable[[Mapping[str, Any]], None], optional
         Called with each round's record once it is complete (e.g. TensorBoard).
+    trainable_keys : Mapping[str, Sequence[str]], optional
+        Per phase, the keys of the arrays that training changes, in model order.
+        Required for ``exchange="trainable"``.
+    exchange : str
+        ``trainable``: after its first message a node gets and returns only
+        those arrays; ``full``: every array travels every time.
+    compression : str
+        ``none``, ``float16`` or ``int8``, for the arrays of every round.
     **kwargs
         Passed to ``FedAvg`` (fractions, minimum nodes, keys).
 
@@ -107,9 +119,21 @@ class TransferFedAvg(FedAvg):
         save_model: Callable[[ArrayRecord, Path], None],
         run_info: Mapping[str, Any] | None = None,
         on_round_end: Callable[[Mapping[str, Any]], None] | None = None,
+        trainable_keys: Mapping[str, Sequence[str]] | None = None,
+        exchange: str = "trainable",
+        compression: str = "none",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange={exchange!r} is not one of {', '.join(EXCHANGES)}")
+        if compression not in METHODS:
+            raise ValueError(f"compression={compression!r} is not one of {', '.join(METHODS)}")
+        if exchange == "trainable" and trainable_keys is None:
+            raise ValueError("exchange='trainable' needs trainable_keys")
+        self.trainable_keys = trainable_keys
+        self.exchange = exchange
+        self.compression = compression
         self.schedule = schedule
         self.run_dir = Path(run_dir)
         self.save_model = save_model
@@ -118,6 +142,13 @@ class TransferFedAvg(FedAvg):
         self.rounds: list[dict[str, Any]] = []
         self.best_accuracy = -math.inf
         self.global_arrays = ArrayRecord()
+        # What nodes trained from this round (decoded as they decoded it).
+        self._sent_train = ArrayRecord()
+        self._upload_errors: list[float] = []
+        # Base models by hash, the one each node holds, and those sent but not yet confirmed.
+        self._bases: dict[str, ArrayRecord] = {}
+        self._holders: dict[int, str] = {}
+        self._pending: dict[int, str] = {}
         self._round: dict[str, Any] = {}
         self._round_start = 0.0
 
@@ -131,14 +162,17 @@ class TransferFedAvg(FedAvg):
         round_config = self.schedule.train_config(server_round)
         config.update(round_config)
         self.global_arrays = arrays
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._upload_errors = []
         self._round = {
             "round": server_round,
             "phase": round_config["phase"],
             "learning_rate": round_config["learning-rate"],
-            "bytes_sent": len(messages) * arrays.count_bytes(),
+            "bytes_sent": 0,
             "bytes_received": 0,
+            "bases_sent": 0,
         }
+        sampled = super().configure_train(server_round, arrays, config, grid)
+        messages, self._sent_train = self._address(sampled, arrays, round_config["phase"])
         log(
             INFO,
             "Round %d: phase %s, learning rate %g, %d nodes",
@@ -149,9 +183,75 @@ class TransferFedAvg(FedAvg):
         )
         return messages
 
+    def _address(
+        self, sampled: Iterable[Message], arrays: ArrayRecord, phase: str
+    ) -> tuple[list[Message], ArrayRecord]:
+        """Give each sampled node this round's arrays, and its base if it needs one.
+
+        Returns the messages and the arrays as the nodes will decode them.
+        """
+        if self.exchange == "full" or self.trainable_keys is None:
+            keys = list(arrays.keys())
+        else:
+            keys = list(self.trainable_keys[phase])
+        payload = ArrayRecord({key: arrays[key] for key in keys})
+        compression, received = None, payload
+        if self.compression != "none":
+            payload, compression, error = encode(payload, self.compression)
+            received = decode(payload, compression)
+            self._round["download_error"] = error
+        messages = []
+        for msg in sampled:
+            node = msg.metadata.dst_node_id
+            config = ConfigRecord(dict(msg.content[self.configrecord_key]))
+            content = RecordDict({self.arrayrecord_key: payload, self.configrecord_key: config})
+            if compression is not None:
+                content[RECORD] = compression
+            if self.exchange == "trainable":
+                name, new = self._base_for(node, arrays, keys)
+                config[BASE_HASH] = name
+                if new:
+                    content[BASE] = self._bases[name]
+                    self._pending[node] = name
+                    self._round["bases_sent"] = self._round.get("bases_sent", 0) + 1
+            self._round["bytes_sent"] = self._round.get("bytes_sent", 0) + sum(
+                record.count_bytes() for record in content.array_records.values()
+            )
+            msg.content = content
+            messages.append(msg)
+        return messages, received
+
+    def _base_for(self, node: int, arrays: ArrayRecord, keys: Sequence[str]) -> tuple[str, bool]:
+        """The base ``node`` builds the model on, and whether it must be sent.
+
+        Any base that differs from the global model only in arrays that travel
+        anyway will do; the one the node holds is free, another costs a send.
+        """
+        held = self._holders.get(node)
+        for name in sorted(self._bases, key=lambda name: name != held):
+            if set(differing_keys(arrays, self._bases[name])) <= set(keys):
+                return name, name != held
+        name = base_hash(arrays)
+        self._bases[name] = arrays
+        # Keep only bases some node holds or awaits: unchanged arrays are shared objects,
+        # so each costs little more than its trainable arrays.
+        kept = {name, *self._holders.values(), *self._pending.values()}
+        self._bases = {key: base for key, base in self._bases.items() if key in kept}
+        return name, True
+
+    def _confirm_base(self, msg: Message) -> None:
+        """A reply says whether its node now holds the base it was sent, or lost it."""
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            # The node may have lost its stored base: send it again next time.
+            self._holders.pop(node, None)
+            self._pending.pop(node, None)
+        elif node in self._pending:
+            self._holders[node] = self._pending.pop(node)
+
     def _decode_update(self, arrays: ArrayRecord) -> list[np.ndarray] | str:
-        """The reply's arrays in the global model's order, or why they are malformed."""
-        reference = self.global_arrays
+        """The reply's arrays in the order sent, or why they are malformed."""
+        reference = self._sent_train
         if list(arrays.keys()) != list(reference.keys()):
             missing = [k for k in reference if k not in arrays]
             extra = [k for k in arrays if k not in reference]
@@ -184,10 +284,22 @@ class TransferFedAvg(FedAvg):
         problem = _metric_problem(metrics, TRAIN_METRICS, self.weighted_by_key)
         if problem is not None:
             return problem
-        array_records = list(msg.content.array_records.values())
-        if len(array_records) != 1:
-            return f"expected 1 ArrayRecord, got {len(array_records)}"
-        update = self._decode_update(array_records[0])
+        array_records = msg.content.array_records
+        if list(array_records) != [self.arrayrecord_key]:
+            return f"expected one ArrayRecord '{self.arrayrecord_key}', got {list(array_records)}"
+        arrays = array_records[self.arrayrecord_key]
+        if self.compression != "none":
+            compression = msg.content.config_records.get(RECORD)
+            if compression is None:
+                return f"missing the '{RECORD}' record ({self.compression} was sent)"
+            try:
+                arrays = decode(arrays, compression, reference=self._sent_train)
+            except Exception as err:  # corrupt bytes can fail in many ways
+                return f"compressed arrays cannot be decoded ({err})"
+            error = metrics.get(UPLOAD_ERROR)
+            if isinstance(error, float | int) and math.isfinite(error):
+                self._upload_errors.append(float(error))
+        update = self._decode_update(arrays)
         if isinstance(update, str):
             return update
         return metrics, update
@@ -201,6 +313,7 @@ class TransferFedAvg(FedAvg):
         metric_records: list[RecordDict] = []
         rejected = 0
         for msg in replies:
+            self._confirm_base(msg)
             if msg.has_content():
                 self._round["bytes_received"] = self._round.get("bytes_received", 0) + sum(
                     record.count_bytes() for record in msg.content.array_records.values()
@@ -241,16 +354,20 @@ class TransferFedAvg(FedAvg):
             )
             self._round["model_updated"] = False
             return None, None
-        averaged = ArrayRecord(
-            {
-                key: Array((acc / total).astype(expected.dtype))
-                for (key, expected), acc in zip(self.global_arrays.items(), summed, strict=True)
-            }
+        averaged = {
+            key: Array((acc / total).astype(expected.dtype))
+            for (key, expected), acc in zip(self._sent_train.items(), summed, strict=True)
+        }
+        # Arrays that did not travel stay the very same objects (bases share them).
+        new_global = ArrayRecord(
+            {key: averaged.get(key, array) for key, array in self.global_arrays.items()}
         )
         train_metrics = self.train_metrics_aggr_fn(metric_records, self.weighted_by_key)
+        if self._upload_errors:
+            self._round["upload_error"] = float(np.mean(self._upload_errors))
         self._round["model_updated"] = True
         self._round.update({k: float(v) for k, v in train_metrics.items()})
-        return averaged, train_metrics
+        return new_global, train_metrics
 
     # ---- evaluate ------------------------------------------------------------
 
@@ -258,11 +375,9 @@ class TransferFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes for federated evaluation of the global model."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self._round["bytes_sent"] = self._round.get("bytes_sent", 0) + len(messages) * (
-            arrays.count_bytes()
-        )
-        return messages
+        sampled = super().configure_evaluate(server_round, arrays, config, grid)
+        phase = self.schedule.train_config(server_round)["phase"]
+        return self._address(sampled, arrays, phase)[0]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -270,6 +385,7 @@ class TransferFedAvg(FedAvg):
         """Average the valid evaluation replies' metrics by ``num-examples``."""
         valid: list[RecordDict] = []
         for msg in replies:
+            self._confirm_base(msg)
             metrics = _only_metrics(msg)
             if not isinstance(metrics, str):
                 metrics = _metric_problem(metrics, EVAL_METRICS, self.weighted_by_key) or metrics

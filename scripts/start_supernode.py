@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--cache-dir",
         type=Path,
-        help="where the frozen part's activations are cached (default: ~/.cache/fl_app/features)",
+        help="where cached activations and the base model are kept (default: ~/.cache/fl_app)",
     )
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from flwr.app import MessageType, Metadata
 
 from fl_app.federation import FlowerCLI, LocalSuperLink
 
 REPO = Path(__file__).resolve().parents[1]
+# A run small enough for tests: one head round, one fine-tune round, 32 px, few examples.
+TINY = {
+    "num-server-rounds": 2,
+    "head-rounds": 1,
+    "input-size": 32,
+    "max-examples-per-node": 96,
+    "max-test-examples": 200,
+    "batch-size": 32,
+}
 
 
 @dataclass
@@ -57,3 +68,18 @@ def log_lines(text: str, pattern: str) -> list[str]:
     """Lines of a Flower log that match a regular expression (ANSI colours removed)."""
     plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
     return [line for line in plain.splitlines() if re.search(pattern, line)]
+
+
+def message_metadata(src: int, dst: int, message_type: str = MessageType.TRAIN) -> Metadata:
+    """Metadata of a message from node ``src`` to ``dst`` (0 is the server)."""
+    return Metadata(
+        run_id=1,
+        message_id=f"{src}-{dst}",
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=message_type,
+    )

@@ -8,19 +8,10 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import log_lines
+from conftest import TINY, log_lines
 
 from fl_app.data import NUM_CLASSES, load_test_set
 from fl_app.model import FINE_TUNE, HEAD, build_model
-
-TINY = {
-    "num-server-rounds": 2,
-    "head-rounds": 1,
-    "input-size": 32,
-    "max-examples-per-node": 96,
-    "max-test-examples": 200,
-    "batch-size": 32,
-}
 
 
 def test_two_rounds_on_two_supernodes_write_metrics_and_a_loadable_model(superlink, tmp_path):
@@ -51,8 +42,14 @@ def test_two_rounds_on_two_supernodes_write_metrics_and_a_loadable_model(superli
         ):
             assert np.isfinite(r[key]), key
         assert 0 <= r["server_accuracy"] <= 1
-        # Full model to both nodes for training and for evaluation; full model back.
-        assert r["bytes_sent"] == 2 * r["bytes_received"] > 90e6
+    # Each node gets the full model once (its base), then only what trains: the head
+    # (1.05 MB) in round 1, conv5 and the head in round 2; replies carry the same keys.
+    head, fine_tune = rounds[1:]
+    assert head["bases_sent"] == 2 and fine_tune["bases_sent"] == 0
+    assert 2 * 95e6 < head["bytes_sent"] < 2 * 95.6e6 + 4 * 1.1e6
+    assert 2e6 < head["bytes_received"] < 2.2e6
+    assert fine_tune["bytes_sent"] == 2 * fine_tune["bytes_received"]
+    assert 2.2e6 < fine_tune["bytes_received"] < 2 * 0.7 * 95.4e6
     assert log_lines(run.log, r"Round 2 summary: train acc")
 
     config = json.loads((run.run_dir / "config.json").read_text())

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import numpy as np
 import pytest
+from conftest import message_metadata
 from flwr.app import (
     Array,
     ArrayRecord,
     Error,
     Message,
-    MessageType,
     Metadata,
     MetricRecord,
     RecordDict,
@@ -27,17 +26,7 @@ SHAPES = {"dense/kernel": (6, 4), "dense/bias": (4,), "bn/moving_mean": (4,)}
 
 
 def _metadata(node_id: int) -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node_id,
-        dst_node_id=0,
-        reply_to_message_id="instruction",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
+    return message_metadata(node_id, 0)
 
 
 def _arrays(rng: np.random.Generator, shapes=SHAPES) -> dict[str, np.ndarray]:
@@ -69,11 +58,14 @@ def _strategy(tmp_path, min_train_nodes: int = 1) -> TransferFedAvg:
         schedule=TransferSchedule(2, 1e-3, 1e-4, 32),
         run_dir=tmp_path,
         save_model=lambda arrays, path: path.write_bytes(b"model"),
+        exchange="full",
         min_train_nodes=min_train_nodes,
     )
+    # What configure_train would have sent: every array, uncompressed.
     strategy.global_arrays = ArrayRecord(
         {k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()}
     )
+    strategy._sent_train = strategy.global_arrays
     return strategy
 
 
