@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import functools
 import time
+from logging import INFO
 from pathlib import Path
 
 import keras
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from fl_app.compression import compression_mod
 from fl_app.data import NUM_CLASSES, NodeData, Split, load_data_dir, load_node_data, split_node_data
@@ -44,6 +46,7 @@ from fl_app.model import (
     reset_optimizer,
     set_phase,
     split_at_conv4,
+    with_augmentation,
 )
 
 app = ClientApp(mods=[compression_mod])
@@ -76,6 +79,11 @@ def _back(boundary: str, image_shape: tuple[int, ...], input_size: int) -> keras
     if boundary == CONV4:
         return _split(image_shape, input_size)[1]
     return _head()
+
+
+@functools.cache
+def _augmented(image_shape: tuple[int, ...], input_size: int, augmentation: str) -> keras.Model:
+    return with_augmentation(_model(image_shape, input_size), augmentation)
 
 
 @functools.cache
@@ -221,6 +229,11 @@ def train(msg: Message, context: Context) -> Message:
     phase, fine_tune_layers = str(config["phase"]), int(config["fine-tune-layers"])
     image_shape, input_size = data.train.x.shape[1:], int(context.run_config["input-size"])
     cache = _feature_cache(context)
+    augmentation = str(context.run_config["augmentation"])
+    if cache is not None and augmentation != "none":
+        # Augmented images give new activations every epoch: nothing to reuse.
+        log(INFO, "augmentation=%s: the activation cache is bypassed", augmentation)
+        cache = None
     # The frozen part ends at the pooled features (head phase) or, when exactly the conv5
     # block trains, at conv4's output; other cuts leave residual branches across them.
     boundary = POOLED if phase == HEAD else CONV4 if fine_tune_layers == CONV5_LAYERS else None
@@ -232,6 +245,8 @@ def train(msg: Message, context: Context) -> Message:
         model = _load(_back(boundary, image_shape, input_size), arrays)
     else:
         inputs, model = data.train.x, _global_model(arrays, context, image_shape)
+        if augmentation != "none":
+            model = _augmented(image_shape, input_size, augmentation)
     # conv5 + head and the full model share ResNet50's layers; the lone head does not.
     shares_backbone = not (on_activations and boundary == POOLED)
     changed = shares_backbone and set_phase(

@@ -28,7 +28,7 @@ from omegaconf import MISSING
 from fl_app.compression import METHODS
 from fl_app.data import DATASETS, PARTITIONERS
 from fl_app.exchange import EXCHANGES
-from fl_app.model import BACKBONE_LAYERS, CONV5_LAYERS, MIN_INPUT_SIZE
+from fl_app.model import AUGMENTATIONS, BACKBONE_LAYERS, CONV5_LAYERS, MIN_INPUT_SIZE
 
 LAUNCHER_GROUPS = ("federation",)
 LAUNCHER_KEYS = ("results-dir",)
@@ -68,6 +68,7 @@ RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "strict-weights": (bool, lambda v: True, "true or false"),
     "exchange": (str, lambda v: v in EXCHANGES, "one of " + ", ".join(EXCHANGES)),
     "compression": (str, lambda v: v in METHODS, "one of " + ", ".join(METHODS)),
+    "augmentation": (str, lambda v: v in AUGMENTATIONS, "one of " + ", ".join(AUGMENTATIONS)),
     "feature-cache": (bool, lambda v: True, "true or false"),
     "feature-cache-mb": (int, lambda v: v >= 1, "an integer >= 1 (megabytes)"),
     "dataset": (str, lambda v: v in DATASETS, "one of " + ", ".join(DATASETS)),
@@ -162,6 +163,7 @@ class ModelConfig:
     weights: str = MISSING
     strict_weights: bool = MISSING
     fine_tune_layers: int = MISSING
+    augmentation: str = MISSING
     feature_cache: bool = MISSING
     feature_cache_mb: int = MISSING
 

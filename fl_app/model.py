@@ -27,6 +27,9 @@ POOL = "avg_pool"
 # The conv4 block's output: the input of conv5, the block the fine-tune phase trains.
 CONV4_OUT = "conv4_block6_out"
 HEAD_LAYERS = ("head_dense", "predictions")
+# Random changes that keep the label: a shift by up to 10% of the side, and for
+# datasets whose mirror images are the same class, a left-right flip.
+AUGMENTATIONS = ("none", "shift", "flip-shift")
 # Width of ResNet50's pooled output, the head's input.
 FEATURES = 2048
 
@@ -145,6 +148,23 @@ def split_at_conv4(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     for name in HEAD_LAYERS:
         x = model.get_layer(name)(x)
     return front, keras.Model(inputs, x, name="fl_app_conv5_head")
+
+
+def with_augmentation(model: keras.Model, augmentation: str) -> keras.Model:
+    """``model`` behind random augmentation that acts in training only (shared weights).
+
+    ``augmentation`` is one of ``AUGMENTATIONS`` other than ``"none"``.
+    """
+    if augmentation not in AUGMENTATIONS[1:]:
+        raise ValueError(
+            f"augmentation={augmentation!r} is not one of {', '.join(AUGMENTATIONS[1:])}"
+        )
+    steps = [layers.RandomTranslation(0.1, 0.1, fill_mode="constant")]
+    if augmentation == "flip-shift":
+        steps.insert(0, layers.RandomFlip("horizontal"))
+    inputs = keras.Input(shape=model.input.shape[1:], dtype=model.input.dtype, name="image")
+    augmented = keras.Sequential(steps, name="augmentation")(inputs)
+    return keras.Model(inputs, model(augmented), name="fl_app_augmented")
 
 
 def is_conv5_variable(path: str) -> bool:

@@ -7,7 +7,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import TINY, message_metadata
+from conftest import TINY, log_lines, message_metadata
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -164,6 +164,7 @@ def test_trainable_only_exchange_gives_the_global_model_of_full_exchange(superli
 def test_late_joiners_get_their_base_and_int8_rounds_complete(superlink, tmp_path):
     # 4 nodes, 2 sampled per round for training and 2 for evaluation: nodes first
     # contacted in later rounds need the full model once; nobody needs it twice.
+    # (Augmentation is on too, to see that it bypasses the activation cache.)
     config = {
         **TINY,
         "num-server-rounds": 3,
@@ -174,8 +175,11 @@ def test_late_joiners_get_their_base_and_int8_rounds_complete(superlink, tmp_pat
         "min-evaluate-nodes": 2,
         "min-available-nodes": 4,
         "compression": "int8",
+        "augmentation": "shift",
     }
-    rounds = _rounds(superlink.run(tmp_path, config, num_supernodes=4))[1:]
+    run = superlink.run(tmp_path, config, num_supernodes=4)
+    rounds = _rounds(run)[1:]
+    assert log_lines(run.log, r"augmentation=shift: the activation cache is bypassed")
 
     for r in rounds:
         assert r["train_replies"] == 2 and r["rejected_replies"] == 0 and r["eval_replies"] == 2

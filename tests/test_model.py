@@ -23,6 +23,7 @@ from fl_app.model import (
     set_phase,
     to_arrayrecord,
     trainable_parameter_count,
+    with_augmentation,
 )
 
 NUM_CLASSES = 10
@@ -146,3 +147,16 @@ def test_saved_model_loads_with_its_preprocessing(model, tmp_path):
         loaded = keras.saving.load_model(path)
     x = np.random.default_rng(3).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_augmentation_acts_in_training_only_and_trains_the_same_weights(model):
+    images = np.random.default_rng(0).integers(0, 255, (4, 28, 28, 1), dtype=np.uint8)
+    augmented = with_augmentation(model, "flip-shift")
+
+    np.testing.assert_allclose(augmented(images, training=False), model(images), rtol=1e-6)
+    np.testing.assert_allclose(augmented.predict(images, verbose=0), model(images), rtol=1e-5)
+    keras.utils.set_random_seed(1)
+    assert not np.allclose(augmented(images, training=True), model(images))
+    assert {id(v) for v in augmented.weights} == {id(v) for v in model.weights}
+    with pytest.raises(ValueError, match="augmentation='rotate' is not one of shift, flip-shift"):
+        with_augmentation(model, "rotate")
