@@ -32,7 +32,7 @@ from fl_app.exchange import (
     assemble,
     base_hash,
 )
-from fl_app.features import FeatureCache, feature_key
+from fl_app.features import FeatureCache, feature_key, frozen_digest
 from fl_app.model import (
     CONV5_LAYERS,
     HEAD,
@@ -180,7 +180,17 @@ def _global_model(arrays: ArrayRecord, context: Context, image_shape: tuple[int,
     return model
 
 
+def _frozen_id(msg: Message, arrays: ArrayRecord, boundary: str) -> str:
+    """Names the weights before ``boundary``: by the base's hash when all came from it."""
+    keys = _frozen_keys(arrays, boundary)
+    config = msg.content["config"]
+    if BASE_HASH in config and not any(key in msg.content["arrays"] for key in keys):
+        return f"base {config[BASE_HASH]}"  # no need to hash 90 MB again
+    return frozen_digest(arrays, keys)
+
+
 def _activations(
+    msg: Message,
     arrays: ArrayRecord,
     split: Split,
     context: Context,
@@ -193,7 +203,7 @@ def _activations(
     On a miss they are computed (when ``compute``) with the full model and stored.
     """
     input_size = int(context.run_config["input-size"])
-    key = feature_key(arrays, _frozen_keys(arrays, boundary), split.x, input_size, boundary)
+    key = feature_key(_frozen_id(msg, arrays, boundary), split.x, input_size, boundary)
     activations = cache.get(key)
     if activations is None and compute:
         image_shape = split.x.shape[1:]
@@ -222,6 +232,7 @@ def _seed(context: Context, server_round: int) -> None:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local training split."""
+    received = time.perf_counter()
     data = _node_data(context)
     arrays = _received_model(msg, context)
     config = msg.content["config"]
@@ -239,9 +250,10 @@ def train(msg: Message, context: Context) -> Message:
     boundary = POOLED if phase == HEAD else CONV4 if fine_tune_layers == CONV5_LAYERS else None
     on_activations = cache is not None and boundary is not None
     if on_activations:
-        inputs = _activations(arrays, data.train, context, cache, boundary, compute=True)
+        inputs = _activations(msg, arrays, data.train, context, cache, boundary, compute=True)
         # Validation activations too, so this round's evaluation finds them.
-        _activations(arrays, data.val, context, cache, boundary, compute=len(data.val.y) > 0)
+        has_val = len(data.val.y) > 0
+        _activations(msg, arrays, data.val, context, cache, boundary, compute=has_val)
         model = _load(_back(boundary, image_shape, input_size), arrays)
     else:
         inputs, model = data.train.x, _global_model(arrays, context, image_shape)
@@ -280,6 +292,8 @@ def train(msg: Message, context: Context) -> Message:
             "train_loss": float(history.history["loss"][-1]),
             "train_accuracy": float(history.history["accuracy"][-1]),
             "train_time": train_time,
+            # Everything this node spent on the round's training message.
+            "client_time": time.perf_counter() - received,
         }
     )
     return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
@@ -295,7 +309,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, inputs = None, data.x
     # Training put this round's validation activations in the cache, if it could.
     for boundary in (POOLED, CONV4) if cache is not None else ():
-        activations = _activations(arrays, data, context, cache, boundary, compute=False)
+        activations = _activations(msg, arrays, data, context, cache, boundary, compute=False)
         if activations is not None:
             model, inputs = _load(_back(boundary, image_shape, input_size), arrays), activations
             break

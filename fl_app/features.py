@@ -33,21 +33,21 @@ from flwr.app import ArrayRecord
 FEATURE_VERSION = f"1/keras-{keras.__version__}"
 
 
-def feature_key(
-    arrays: ArrayRecord,
-    frozen_keys: Iterable[str],
-    images: np.ndarray,
-    input_size: int,
-    boundary: str = "pooled",
-) -> str:
+def feature_key(frozen: str, images: np.ndarray, input_size: int, boundary: str = "pooled") -> str:
     """A digest of everything the activations of ``images`` at ``boundary`` depend on.
 
-    ``frozen_keys`` name the arrays of the layers before the boundary.
+    ``frozen`` names the weights of the layers before the boundary (``frozen_digest``).
     """
     digest = hashlib.blake2b(digest_size=20)
-    header = f"{FEATURE_VERSION}|{boundary}|{input_size}|{images.dtype}|{images.shape}"
+    header = f"{FEATURE_VERSION}|{frozen}|{boundary}|{input_size}|{images.dtype}|{images.shape}"
     digest.update(header.encode())
     digest.update(np.ascontiguousarray(images).data)
+    return digest.hexdigest()
+
+
+def frozen_digest(arrays: ArrayRecord, frozen_keys: Iterable[str]) -> str:
+    """A digest of the named arrays (the frozen layers' weights), in key order."""
+    digest = hashlib.blake2b(digest_size=20)
     digest_arrays(digest, arrays, sorted(frozen_keys))
     return digest.hexdigest()
 

@@ -31,7 +31,7 @@ from fl_app.compression import METHODS, RECORD, UPLOAD_ERROR, decode, encode
 from fl_app.exchange import BASE, BASE_HASH, EXCHANGES, base_hash, differing_keys
 from fl_app.model import FINE_TUNE, HEAD
 
-TRAIN_METRICS = ("train_loss", "train_accuracy", "train_time")
+TRAIN_METRICS = ("train_loss", "train_accuracy", "train_time", "client_time")
 EVAL_METRICS = ("eval_loss", "eval_accuracy")
 
 

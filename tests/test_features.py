@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from fl_app.features import FeatureCache, feature_key
+from fl_app.features import FeatureCache, feature_key, frozen_digest
 from fl_app.model import (
     CONV5_LAYERS,
     FINE_TUNE,
@@ -88,20 +88,22 @@ def test_key_changes_with_backbone_images_and_input_size_only():
     arrays = to_arrayrecord(model)
     backbone = [k for k in arrays if not is_head_variable(k)]
     x = np.zeros((4, 28, 28, 1), np.uint8)
-    key = feature_key(arrays, backbone, x, 32)
+    frozen = frozen_digest(arrays, backbone)
+    key = feature_key(frozen, x, 32)
 
-    assert feature_key(arrays, backbone, x.copy(), 32) == key
+    assert feature_key(frozen_digest(arrays, backbone), x.copy(), 32) == key
     head_key = next(k for k in arrays if is_head_variable(k))
     arrays_new_head = to_arrayrecord(model)
     arrays_new_head[head_key] = Array(np.ones(arrays[head_key].shape, np.float32))
-    assert feature_key(arrays_new_head, backbone, x, 32) == key  # the head does not matter
+    assert frozen_digest(arrays_new_head, backbone) == frozen  # the head does not matter
     other = build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
-    assert feature_key(to_arrayrecord(other), backbone, x, 32) != key  # new backbone weights
+    assert frozen_digest(to_arrayrecord(other), backbone) != frozen  # new backbone weights
     changed = x.copy()
     changed[0, 0, 0, 0] = 1
-    assert feature_key(arrays, backbone, changed, 32) != key  # one pixel
-    assert feature_key(arrays, backbone, x, 64) != key  # input size
-    assert feature_key(arrays, backbone, x, 32, boundary="conv4") != key
+    assert feature_key(frozen, changed, 32) != key  # one pixel
+    assert feature_key(frozen, x, 64) != key  # input size
+    assert feature_key(frozen, x, 32, boundary="conv4") != key
+    assert feature_key("base 1234", x, 32) != key  # weights named by a base's hash
 
 
 def test_cache_persists_on_disk_and_evicts_least_recently_used(tmp_path):

@@ -44,6 +44,7 @@ def _reply(node_id: int, arrays: dict[str, np.ndarray] | ArrayRecord, num_exampl
         "train_loss": 1.0,
         "train_accuracy": 0.5,
         "train_time": 0.1,
+        "client_time": 0.2,
         **extra,
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}
