@@ -54,8 +54,8 @@ IMPLICIT = {"exchange": "full", "compression": "none"}
 COMPRESSIONS = ("none", "float16", "int8")
 QUICKSTART = "quickstart"
 MEMORY = "memory"
-# CI size. One client, all of it sampled, as many rounds: the memory run is the 1-node
-# run of our client, measured once.
+# CI size. One client, sampled every round, for as many rounds: the memory run is then
+# the same run as "none" and runs once.
 SMALLEST = {
     "rounds": 2,
     "nodes": 1,
@@ -69,12 +69,16 @@ SMALLEST = {
 
 
 class TreeRSS:
-    """Peak of the summed RSS of a process and all its descendants, sampled from /proc."""
+    """Peak of the summed RSS of a process and all its descendants, sampled from /proc.
+
+    ``peak_by_name`` splits the peak by process name (``/proc/<pid>/comm``).
+    """
 
     def __init__(self, pid: int, interval: float = 0.5) -> None:
         self.pid = pid
         self.interval = interval
         self.peak = 0
+        self.peak_by_name: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -88,19 +92,24 @@ class TreeRSS:
 
     def _watch(self) -> None:
         while True:
-            self.peak = max(self.peak, self.sample())
+            by_name = self.sample()
+            if sum(by_name.values()) > self.peak:
+                self.peak, self.peak_by_name = sum(by_name.values()), by_name
             if self._stop.wait(self.interval):
                 return
 
-    def sample(self) -> int:
-        """Bytes resident now, summed over the tree (shared pages count in each process)."""
-        total = 0
+    def sample(self) -> dict[str, int]:
+        """Bytes resident now by process name (shared pages count in each process)."""
+        by_name: dict[str, int] = {}
         for pid in (self.pid, *descendants(self.pid)):
+            proc = Path(f"/proc/{pid}")
             try:
-                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+                rss = int((proc / "statm").read_text().split()[1]) * PAGE
+                name = (proc / "comm").read_text().strip()
             except (OSError, IndexError, ValueError):
                 continue  # the process ended while we looked
-        return total
+            by_name[name] = by_name.get(name, 0) + rss
+        return by_name
 
 
 def app_config(app_dir: Path) -> dict[str, Any]:
@@ -153,7 +162,12 @@ def run_app(
         tail = log_file.read_text()[-3000:]
         raise RuntimeError(f"run {run_id} {status.status}: {status.details}\n{tail}")
     rounds = json.loads((out / "run" / "metrics.json").read_text())["rounds"][1:]
-    return {"rounds": rounds, "wall_time": wall_time, "peak_rss": rss.peak}
+    return {
+        "rounds": rounds,
+        "wall_time": wall_time,
+        "peak_rss": rss.peak,
+        "peak_rss_by_process": rss.peak_by_name,
+    }
 
 
 def after_round_1(run: Mapping[str, Any], key: str) -> float:
@@ -374,7 +388,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fraction", type=float, default=0.1, help="sampled per round")
     parser.add_argument("--memory-rounds", type=int, default=2, help="rounds of the memory run")
     parser.add_argument("--repeats", type=int, default=5, help="timed bare fits")
-    parser.add_argument("--json", type=Path, default=Path("bench.json"))
+    parser.add_argument("--json", type=Path, default=Path("outputs/bench.json"))
     parser.add_argument(
         "--smallest",
         action="store_true",
@@ -424,15 +438,6 @@ def main() -> int:
         model = build_model(NUM_CLASSES, nodes[0].train.x.shape[1:], args.input_size)
         start_weights = root / "start.weights.h5"
         model.save_weights(start_weights)
-        bare = bare_fit(
-            model,
-            nodes[0].train,
-            defaults["local-epochs"],
-            defaults["batch-size"],
-            defaults["learning-rate"],
-            args.repeats,
-        )
-        print(f"bare model.fit: {bare:.0f} img/s", file=sys.stderr)
         apps = {False: REPO, True: baseline_app(root)}
         done: dict[str, str] = {}  # what a run was, as JSON: the name it ran under
         for name, (is_baseline, overrides, clients) in variants(args, sampled).items():
@@ -453,6 +458,18 @@ def main() -> int:
                 f"peak RSS {runs[name]['peak_rss'] / GIB:.2f} GiB",
                 file=sys.stderr,
             )
+            if name == "none":
+                # Right after the run it is compared with: other processes' load drifts
+                # over minutes on a shared machine.
+                bare = bare_fit(
+                    model,
+                    nodes[0].train,
+                    defaults["local-epochs"],
+                    defaults["batch-size"],
+                    defaults["learning-rate"],
+                    args.repeats,
+                )
+                print(f"bare model.fit: {bare:.0f} img/s", file=sys.stderr)
 
     train_examples = statistics.mean(len(n.train.y) for n in nodes) * defaults["local-epochs"]
     memory_label = f"{args.clients} clients ({sampled} per round) vs {args.nodes} nodes"
@@ -463,6 +480,7 @@ def main() -> int:
         f"{args.memory_rounds} rounds; {os.cpu_count()} CPUs\n"
     )
     print(markdown(rows))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
             {
