@@ -23,6 +23,8 @@ Usage: python scripts/bench.py [--rounds 3 --examples 600 --input-size 32 --clie
        python scripts/bench.py --smallest     # CI size, ~3 min on 2 cores
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
@@ -38,12 +40,16 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Runnable from a checkout without installing fl_app.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fl_app.data import Split
 from fl_app.federation import LocalSuperLink, descendants
+
+if TYPE_CHECKING:
+    import keras  # imported when needed: --help should not wait for TensorFlow
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -82,7 +88,7 @@ class TreeRSS:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    def __enter__(self) -> "TreeRSS":
+    def __enter__(self) -> TreeRSS:
         self._thread.start()
         return self
 
@@ -186,7 +192,12 @@ def final_accuracy(run: Mapping[str, Any]) -> float:
 
 
 def bare_fit(
-    model, data, epochs: int, batch_size: int, learning_rate: float, repeats: int
+    model: keras.Model,
+    data: Split,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    repeats: int,
 ) -> float:
     """Images per second of a plain ``model.fit`` of what our head-phase ClientApp trains.
 

@@ -60,3 +60,13 @@ def test_smallest_bench_prints_and_writes_every_row(tmp_path):
         for key in ("value", "baseline", "ratio"):
             assert isinstance(row[key], float) and math.isfinite(row[key]), (key, row)
         assert row["met"] in (True, False) or not row["target"]
+
+
+def test_an_override_without_its_key_is_dropped_only_where_the_app_already_does_that():
+    from scripts.bench import usable
+
+    # Before the exchange work is merged, every run exchanges everything uncompressed.
+    assert usable({"exchange": "full", "seed": 1}, {"seed"}) == ({"seed": 1}, [])
+    assert usable({"compression": "none"}, {"seed"}) == ({}, [])
+    assert usable({"compression": "int8"}, {"seed"}) == ({}, ["compression"])
+    assert usable({"compression": "int8"}, {"compression"}) == ({"compression": "int8"}, [])
