@@ -1,0 +1,513 @@
+#!/usr/bin/env python3
+"""Issue 5's numbers in one run: our ClientApp against a quickstart-style one.
+
+Every run is a real `flwr run` simulation on its own local SuperLink, on the same
+Fashion-MNIST partitions, start weights and rounds (all rounds train the head on
+the frozen backbone). Ratios compare runs of this one invocation:
+
+1. round time after round 1: our client vs ``fl_app.baseline_client`` (Flower's
+   quickstart-tensorflow style: a fresh model every message, every weight sent);
+2. bytes uploaded per client per round after round 1 for each compression (none,
+   float16, int8) vs what the baseline uploads (the full float32 model), and each
+   one's final server accuracy vs the uncompressed run's;
+3. training throughput inside our ClientApp (its ``train_time``) vs a bare
+   ``model.fit`` of the model it trains (the head on pooled features) on node 0's data;
+4. peak RSS of the whole process tree (SuperLink, simulation process, Ray) of a
+   simulation with ``--clients`` virtual clients, ``--fraction`` of them per round.
+
+It prints a markdown table (value, baseline, ratio, target met) and writes JSON. A
+variant needing a run-config key this checkout's pyproject.toml lacks is reported
+"not available" instead of run.
+
+Usage: python scripts/bench.py [--rounds 3 --examples 600 --input-size 32 --clients 100]
+       python scripts/bench.py --smallest     # CI size, ~3 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+# Runnable from a checkout without installing fl_app.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fl_app.data import Split
+from fl_app.federation import LocalSuperLink, descendants
+
+if TYPE_CHECKING:
+    import keras  # imported when needed: --help should not wait for TensorFlow
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+PAGE = os.sysconf("SC_PAGE_SIZE")
+# Run-config keys of the exchange work (issue 5). A checkout without them already
+# behaves like these values, so an override equal to one needs no key.
+IMPLICIT = {"exchange": "full", "compression": "none"}
+COMPRESSIONS = ("none", "float16", "int8")
+QUICKSTART = "quickstart"
+MEMORY = "memory"
+# CI size. One client, sampled every round, for as many rounds: the memory run is then
+# the same run as "none" and runs once.
+SMALLEST = {
+    "rounds": 2,
+    "nodes": 1,
+    "examples": 64,
+    "test_examples": 100,
+    "clients": 1,
+    "fraction": 1.0,
+    "memory_rounds": 2,
+    "repeats": 3,
+}
+
+
+class TreeRSS:
+    """Peak of the summed RSS of a process and all its descendants, sampled from /proc.
+
+    ``peak_by_name`` splits the peak by process name (``/proc/<pid>/comm``).
+    """
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self.peak_by_name: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> TreeRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while True:
+            by_name = self.sample()
+            if sum(by_name.values()) > self.peak:
+                self.peak, self.peak_by_name = sum(by_name.values()), by_name
+            if self._stop.wait(self.interval):
+                return
+
+    def sample(self) -> dict[str, int]:
+        """Bytes resident now by process name (shared pages count in each process)."""
+        by_name: dict[str, int] = {}
+        for pid in (self.pid, *descendants(self.pid)):
+            proc = Path(f"/proc/{pid}")
+            try:
+                rss = int((proc / "statm").read_text().split()[1]) * PAGE
+                name = (proc / "comm").read_text().strip()
+            except (OSError, IndexError, ValueError):
+                continue  # the process ended while we looked
+            by_name[name] = by_name.get(name, 0) + rss
+        return by_name
+
+
+def app_config(app_dir: Path) -> dict[str, Any]:
+    """The app's run-config defaults, ``[tool.flwr.app.config]`` of its pyproject.toml."""
+    pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    return pyproject["tool"]["flwr"]["app"]["config"]
+
+
+def usable(overrides: Mapping[str, Any], keys: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """The overrides this checkout accepts, and the missing keys that would change the run."""
+    kept = {k: v for k, v in overrides.items() if k in keys}
+    missing = [k for k, v in overrides.items() if k not in keys and IMPLICIT.get(k) != v]
+    return kept, missing
+
+
+def baseline_app(root: Path) -> Path:
+    """A copy of this app whose ClientApp is the quickstart-style baseline."""
+    app_dir = root / "baseline-app"
+    shutil.copytree(
+        REPO / "fl_app", app_dir / "fl_app", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    ours = 'clientapp = "fl_app.client_app:app"'
+    pyproject = (REPO / "pyproject.toml").read_text()
+    if ours not in pyproject:
+        raise RuntimeError(f"pyproject.toml has no line {ours!r} to point at the baseline")
+    baseline = pyproject.replace(ours, 'clientapp = "fl_app.baseline_client:app"')
+    (app_dir / "pyproject.toml").write_text(baseline)
+    return app_dir
+
+
+def run_app(
+    out: Path, app_dir: Path, run_config: Mapping[str, Any], num_supernodes: int
+) -> dict[str, Any]:
+    """One run on a fresh local SuperLink: its rounds, wall time and peak tree RSS."""
+    out.mkdir(parents=True)
+    log_file = out / "flower.log"
+    with LocalSuperLink(out / "flwr_home") as link, TreeRSS(link.proc.pid) as rss:
+        started = time.monotonic()
+        run_id = link.cli.submit(
+            app_dir,
+            {**run_config, "results-dir": str(out / "run")},
+            {"num-supernodes": num_supernodes},
+            config_file=out / "run_config.toml",
+        )
+        with log_file.open("w") as log:
+            link.cli.follow(run_id, log)
+        status = link.cli.wait(run_id)
+        wall_time = time.monotonic() - started
+    if not status.completed:
+        tail = log_file.read_text()[-3000:]
+        raise RuntimeError(f"run {run_id} {status.status}: {status.details}\n{tail}")
+    rounds = json.loads((out / "run" / "metrics.json").read_text())["rounds"][1:]
+    return {
+        "rounds": rounds,
+        "wall_time": wall_time,
+        "peak_rss": rss.peak,
+        "peak_rss_by_process": rss.peak_by_name,
+    }
+
+
+def after_round_1(run: Mapping[str, Any], key: str) -> float:
+    """Mean of a round record's ``key`` over rounds 2.. of a run."""
+    return statistics.mean(r[key] for r in run["rounds"][1:])
+
+
+def upload_per_client(run: Mapping[str, Any]) -> float:
+    """Bytes one client uploads per round after round 1 (the server counts all replies)."""
+    return statistics.mean(r["bytes_received"] / r["train_replies"] for r in run["rounds"][1:])
+
+
+def final_accuracy(run: Mapping[str, Any]) -> float:
+    """The global model's accuracy on the server's test set after the last round."""
+    return run["rounds"][-1]["server_accuracy"]
+
+
+def bare_fit(
+    model: keras.Model,
+    data: Split,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    repeats: int,
+) -> float:
+    """Images per second of a plain ``model.fit`` of what our head-phase ClientApp trains.
+
+    The ClientApp fits the head on the pooled features of its training split, with a
+    compiled head it keeps across rounds and an optimizer reset every round: so here.
+    """
+    import keras
+
+    from fl_app.data import NUM_CLASSES
+    from fl_app.model import build_head, compile_model, feature_extractor, reset_optimizer
+
+    features = feature_extractor(model).predict(data.x, batch_size=batch_size, verbose=0)
+    head = build_head(NUM_CLASSES)
+    compile_model(head, learning_rate)
+    times = []
+    for i in range(repeats + 1):
+        reset_optimizer(head, learning_rate)
+        keras.utils.set_random_seed(i)
+        start = time.perf_counter()
+        head.fit(features, data.y, epochs=epochs, batch_size=batch_size, verbose=0)
+        times.append(time.perf_counter() - start)
+    # The first fit traces the train step, as the ClientApp's round 1 does.
+    return len(data.y) * epochs / statistics.median(times[1:])
+
+
+@dataclass
+class Row:
+    """One line of the result table; ``value`` is None when its run was not available."""
+
+    metric: str
+    unit: str
+    value: float | None = None
+    baseline: float | None = None
+    ratio: float | None = None
+    ratio_unit: str = "x"
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+    def markdown(self) -> str:
+        """The row as a line of a markdown table."""
+        if self.value is None or self.baseline is None or self.ratio is None:
+            return f"| {self.metric} | {self.note} | | | {self.target or '-'} | - |"
+        unit = f" {self.unit}" if self.unit else ""
+        ratio = f"{self.ratio:+.2f}" if self.ratio_unit == "pt" else f"{self.ratio:.3g}"
+        met = "-" if self.met is None else "yes" if self.met else "no"
+        return (
+            f"| {self.metric} | {self.value:.4g}{unit} | {self.baseline:.4g}{unit} | "
+            f"{ratio} {self.ratio_unit} | {self.target or '-'} | {met} |"
+        )
+
+
+def table_rows(
+    runs: Mapping[str, dict],
+    missing: Mapping[str, list[str]],
+    bare: float,
+    train_examples: float,
+    memory_label: str,
+) -> list[Row]:
+    """The table's rows from the runs (all but the float16 and int8 ones always run)."""
+
+    def unavailable(name: str) -> str:
+        return f"not available: pyproject.toml has no run-config key {', '.join(missing[name])}"
+
+    quick, none = runs[QUICKSTART], runs["none"]
+    speedup = after_round_1(quick, "round_time") / after_round_1(none, "round_time")
+    rows = [
+        Row(
+            "head-phase round time after round 1, ours vs quickstart",
+            "s",
+            after_round_1(none, "round_time"),
+            after_round_1(quick, "round_time"),
+            speedup,
+            "x faster",
+            ">= 20x",
+            speedup >= 20,
+        )
+    ]
+    full_model = upload_per_client(quick)
+    for compression in COMPRESSIONS:
+        row = Row(f"upload per client per round, compression={compression}", "MB", ratio_unit="%")
+        if compression == "float16":
+            row.target = "<= 1.2 %"
+        if compression in runs:
+            row.value = upload_per_client(runs[compression]) / 1e6
+            row.baseline = full_model / 1e6
+            row.ratio = 100 * row.value / row.baseline
+            row.met = row.ratio <= 1.2 if row.target else None
+        else:
+            row.note = unavailable(compression)
+        rows.append(row)
+    for compression in COMPRESSIONS:
+        reference = QUICKSTART if compression == "none" else "none"
+        row = Row(
+            f"final server accuracy, compression={compression} vs {reference}",
+            "",
+            ratio_unit="pt",
+            target="within 0.5 pt",
+        )
+        if compression in runs:
+            row.value = final_accuracy(runs[compression])
+            row.baseline = final_accuracy(runs[reference])
+            row.ratio = 100 * (row.value - row.baseline)
+            row.met = abs(row.ratio) <= 0.5
+        else:
+            row.note = unavailable(compression)
+        rows.append(row)
+    inside = train_examples / after_round_1(none, "train_time")
+    rows.append(
+        Row(
+            "training throughput, ClientApp vs bare model.fit (head on features)",
+            "img/s",
+            inside,
+            bare,
+            inside / bare,
+            "x",
+            ">= 0.9x",
+            inside / bare >= 0.9,
+        )
+    )
+    peak, base = runs[MEMORY]["peak_rss"] / GIB, none["peak_rss"] / GIB
+    rows.append(
+        Row(
+            f"peak RSS of the process tree, {memory_label}",
+            "GiB",
+            peak,
+            base,
+            peak / base,
+            "x",
+            "<= 6 GiB",
+            peak <= 6,
+        )
+    )
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    """The rows as a markdown table."""
+    header = ["| metric | value | baseline | ratio | target | met |", "|---|---|---|---|---|---|"]
+    return "\n".join(header + [row.markdown() for row in rows])
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import flwr
+    import keras
+
+    meminfo = Path("/proc/meminfo").read_text().split()
+    return {
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "memory_gib": int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024 / GIB,
+        "load_average": os.getloadavg(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "flwr": flwr.__version__,
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+    }
+
+
+def variants(args: argparse.Namespace, sampled: int) -> dict[str, tuple[bool, dict[str, Any], int]]:
+    """Each run by name: whether it runs the baseline ClientApp, its overrides, its clients."""
+    base = {
+        "num-server-rounds": args.rounds,
+        "head-rounds": args.rounds,
+        "input-size": args.input_size,
+        "max-examples-per-node": args.examples,
+        "max-test-examples": args.test_examples,
+        "min-train-nodes": args.nodes,
+        "min-evaluate-nodes": args.nodes,
+        "min-available-nodes": args.nodes,
+    }
+    memory = {
+        **base,
+        "num-server-rounds": args.memory_rounds,
+        "head-rounds": args.memory_rounds,
+        "fraction-train": args.fraction,
+        "fraction-evaluate": args.fraction,
+        "min-train-nodes": sampled,
+        "min-evaluate-nodes": sampled,
+        "min-available-nodes": args.clients,
+    }
+    return {
+        QUICKSTART: (True, {**base, "exchange": "full"}, args.nodes),
+        **{c: (False, {**base, "compression": c}, args.nodes) for c in COMPRESSIONS},
+        MEMORY: (False, memory, args.clients),
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, all head phase (>= 2)")
+    parser.add_argument("--nodes", type=int, default=2, help="nodes of the comparison runs")
+    parser.add_argument("--examples", type=int, default=600, help="examples per node")
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--test-examples", type=int, default=500, help="server test set")
+    parser.add_argument("--clients", type=int, default=100, help="virtual clients, memory run")
+    parser.add_argument("--fraction", type=float, default=0.1, help="sampled per round")
+    parser.add_argument("--memory-rounds", type=int, default=2, help="rounds of the memory run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed bare fits")
+    parser.add_argument("--json", type=Path, default=Path("outputs/bench.json"))
+    parser.add_argument(
+        "--smallest",
+        action="store_true",
+        help="CI size: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMALLEST.items()),
+    )
+    args = parser.parse_args()
+    if args.smallest:
+        for key, value in SMALLEST.items():
+            setattr(args, key, value)
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2: round times and uploads are taken after round 1")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    # A SIGTERM unwinds like Ctrl-C, so every SuperLink we started is stopped by PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    import keras
+
+    from fl_app.data import NUM_CLASSES, load_node_data
+    from fl_app.model import build_model
+
+    defaults = app_config(REPO)
+    nodes = [
+        load_node_data(
+            dataset=defaults["dataset"],
+            partition_id=i,
+            num_partitions=args.nodes,
+            partitioner=defaults["partitioner"],
+            alpha=defaults["dirichlet-alpha"],
+            seed=defaults["seed"],
+            max_examples=args.examples,
+            val_fraction=defaults["val-fraction"],
+        )
+        for i in range(args.nodes)
+    ]
+    sampled = max(1, int(args.clients * args.fraction))
+    started_on = machine()
+    runs: dict[str, dict] = {}
+    missing: dict[str, list[str]] = {}
+    keys = set(defaults)
+    with tempfile.TemporaryDirectory(prefix="fl_app-bench-") as tmp:
+        root = Path(tmp)
+        # One start for every run: a random init drawn in each ServerApp may differ.
+        keras.utils.set_random_seed(defaults["seed"])
+        model = build_model(NUM_CLASSES, nodes[0].train.x.shape[1:], args.input_size)
+        start_weights = root / "start.weights.h5"
+        model.save_weights(start_weights)
+        apps = {False: REPO, True: baseline_app(root)}
+        done: dict[str, str] = {}  # what a run was, as JSON: the name it ran under
+        for name, (is_baseline, overrides, clients) in variants(args, sampled).items():
+            run_config, missing[name] = usable(overrides, keys)
+            if missing[name]:
+                print(f"{name}: skipped, no run-config key {missing[name]}", file=sys.stderr)
+                continue
+            run_config["weights"] = str(start_weights)
+            same = json.dumps([is_baseline, {**defaults, **run_config}, clients], sort_keys=True)
+            if same in done:
+                runs[name] = runs[done[same]]
+                print(f"{name}: the same run as {done[same]}", file=sys.stderr)
+                continue
+            done[same] = name
+            runs[name] = run_app(root / name, apps[is_baseline], run_config, clients)
+            print(
+                f"{name}: {runs[name]['wall_time']:.0f} s, "
+                f"peak RSS {runs[name]['peak_rss'] / GIB:.2f} GiB",
+                file=sys.stderr,
+            )
+            if name == "none":
+                # Right after the run it is compared with: other processes' load drifts
+                # over minutes on a shared machine.
+                bare = bare_fit(
+                    model,
+                    nodes[0].train,
+                    defaults["local-epochs"],
+                    defaults["batch-size"],
+                    defaults["learning-rate"],
+                    args.repeats,
+                )
+                print(f"bare model.fit: {bare:.0f} img/s", file=sys.stderr)
+
+    train_examples = statistics.mean(len(n.train.y) for n in nodes) * defaults["local-epochs"]
+    memory_label = f"{args.clients} clients ({sampled} per round) vs {args.nodes} nodes"
+    rows = table_rows(runs, missing, bare, train_examples, memory_label)
+    print(
+        f"\n{args.nodes} nodes x {args.examples} examples, {args.rounds} head rounds, "
+        f"input {args.input_size} px; memory run: {args.clients} clients, {sampled} per round, "
+        f"{args.memory_rounds} rounds; {os.cpu_count()} CPUs\n"
+    )
+    print(markdown(rows))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            {
+                "machine": started_on,
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "bare_fit_images_per_second": bare,
+                "runs": runs,
+                "missing_keys": missing,
+                "rows": [asdict(row) for row in rows],
+            },
+            indent=2,
+        )
+    )
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
