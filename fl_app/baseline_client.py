@@ -16,8 +16,8 @@ import keras
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-# The same node data and per-round seeds as our client (private there, shared on purpose).
-from fl_app.client_app import _node_data, _seed
+# The same node data and per-round seeds as our client.
+from fl_app.client_app import node_data, seed_round
 from fl_app.data import NUM_CLASSES
 from fl_app.model import (
     HEAD,
@@ -44,7 +44,8 @@ def _fresh_model(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Build a model, load all weights, fit, reply with all weights."""
-    data = _node_data(context).train
+    received = time.perf_counter()
+    data = node_data(context).train
     config = msg.content["config"]
     model = _fresh_model(
         msg.content["arrays"],
@@ -54,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
         int(config["fine-tune-layers"]),
     )
     compile_model(model, float(config["learning-rate"]))
-    _seed(context, int(config["server-round"]))
+    seed_round(context, int(config["server-round"]))
     start = time.perf_counter()
     history = model.fit(
         data.x,
@@ -63,21 +64,24 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=int(config["batch-size"]),
         verbose=0,
     )
+    train_time = time.perf_counter() - start
+    reply = to_arrayrecord(model)
     metrics = MetricRecord(
         {
             "num-examples": len(data.y),
             "train_loss": float(history.history["loss"][-1]),
             "train_accuracy": float(history.history["accuracy"][-1]),
-            "train_time": time.perf_counter() - start,
+            "train_time": train_time,
+            "client_time": time.perf_counter() - received,
         }
     )
-    return Message(RecordDict({"arrays": to_arrayrecord(model), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Build a model, load all weights, evaluate on the local validation split."""
-    data = _node_data(context).val
+    data = node_data(context).val
     input_size = int(context.run_config["input-size"])
     model = _fresh_model(msg.content["arrays"], data.x.shape[1:], input_size, HEAD, 0)
     compile_model(model, 0.0)

@@ -151,7 +151,8 @@ def _received_model(msg: Message, context: Context) -> ArrayRecord:
     return assemble(base, arrays)
 
 
-def _node_data(context: Context) -> NodeData:
+def node_data(context: Context) -> NodeData:
+    """The training and validation data of this node (simulation partition or ``data-dir``)."""
     cfg, node = context.run_config, context.node_config
     if "data-dir" in node:
         # A deployed SuperNode's own data, named in its --node-config.
@@ -221,7 +222,8 @@ def _load(model: keras.Model, arrays: ArrayRecord) -> keras.Model:
     return model
 
 
-def _seed(context: Context, server_round: int) -> None:
+def seed_round(context: Context, server_round: int) -> None:
+    """Seed Keras for one node's round, so that local training repeats."""
     keras.utils.set_random_seed(
         int(context.run_config["seed"]) * 100_003
         + server_round * 1_009
@@ -233,7 +235,7 @@ def _seed(context: Context, server_round: int) -> None:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local training split."""
     received = time.perf_counter()
-    data = _node_data(context)
+    data = node_data(context)
     arrays = _received_model(msg, context)
     config = msg.content["config"]
     learning_rate = float(config["learning-rate"])
@@ -268,7 +270,7 @@ def train(msg: Message, context: Context) -> Message:
     if changed or not model.compiled:
         compile_model(model, learning_rate)
     reset_optimizer(model, learning_rate)
-    _seed(context, int(config["server-round"]))
+    seed_round(context, int(config["server-round"]))
     start = time.perf_counter()
     history = model.fit(
         inputs,
@@ -302,7 +304,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split."""
-    data = _node_data(context).val
+    data = node_data(context).val
     arrays = _received_model(msg, context)
     cache = _feature_cache(context)
     image_shape, input_size = data.x.shape[1:], int(context.run_config["input-size"])
