@@ -34,6 +34,7 @@ from fl_app.model import (
     to_arrayrecord,
     trainable_parameter_count,
 )
+from fl_app.server_app import initial_model
 
 NUM_CLASSES = 10
 HEAD_PARAMS = 1280 * 128 + 128 + 128 * NUM_CLASSES + NUM_CLASSES
@@ -210,3 +211,12 @@ def test_imagenet_weights_through_build_model_and_a_saved_lite0_model(tmp_path):
     np.testing.assert_allclose(
         node.predict(x, verbose=0), pretrained.predict(x, verbose=0), atol=1e-6
     )
+
+
+def test_the_server_starts_lite0_from_imagenet_even_when_strict(state):
+    model, init = initial_model((28, 28, 1), 32, "imagenet", True, EFFICIENTNET_LITE0)
+    assert init == "imagenet"
+    stem = backbone_of(model).get_layer("stem_conv").kernel.numpy()
+    np.testing.assert_array_equal(stem, state["_conv_stem.weight"].transpose(2, 3, 1, 0))
+    _, init = initial_model((28, 28, 1), 32, "none", True, EFFICIENTNET_LITE0)
+    assert init == "random"
