@@ -62,13 +62,32 @@ CACHE_VERSION = 1
 
 # ---- architecture ------------------------------------------------------------------
 
+# The original's initialisers (as in keras.applications.efficientnet). Keras' default,
+# glorot_uniform, shrinks the signal ~10x per block here: with BatchNorm frozen at its
+# initial identity statistics, a randomly initialised Lite0 would put out ~1e-13 for
+# every image, and a random-init baseline would learn nothing at all.
+CONV_INITIALIZER = {
+    "class_name": "VarianceScaling",
+    "config": {"scale": 2.0, "mode": "fan_out", "distribution": "truncated_normal"},
+}
+DENSE_INITIALIZER = {
+    "class_name": "VarianceScaling",
+    "config": {"scale": 1.0 / 3.0, "mode": "fan_out", "distribution": "uniform"},
+}
+
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, prefix: str, activation: bool):
     # Convolutions carry no bias: BatchNorm follows each one. "same" is TensorFlow's
     # padding (extra row/column at the bottom/right for stride 2), which the weights
     # were trained with; Keras 3 uses the same rule on every backend.
     x = layers.Conv2D(
-        filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}conv"
+        filters,
+        kernel,
+        strides=stride,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=CONV_INITIALIZER,
+        name=f"{prefix}conv",
     )(x)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{prefix}bn")(x)
     if activation:
@@ -83,7 +102,12 @@ def _mbconv(x, kernel: int, stride: int, expansion: int, filters: int, prefix: s
     if expansion != 1:
         x = _conv_bn(x, in_filters * expansion, 1, 1, f"{prefix}expand_", activation=True)
     x = layers.DepthwiseConv2D(
-        kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}dwconv"
+        kernel,
+        strides=stride,
+        padding="same",
+        use_bias=False,
+        depthwise_initializer=CONV_INITIALIZER,
+        name=f"{prefix}dwconv",
     )(x)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{prefix}bn")(x)
     x = layers.ReLU(6.0, name=f"{prefix}activation")(x)
@@ -147,7 +171,12 @@ def EfficientNetLite0(  # noqa: N802  (named like keras.applications builders)
     x = _conv_bn(x, HEAD_CHANNELS, 1, 1, "top_", activation=True)
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = layers.Dense(classes, activation="softmax", name="predictions")(x)
+        x = layers.Dense(
+            classes,
+            activation="softmax",
+            kernel_initializer=DENSE_INITIALIZER,
+            name="predictions",
+        )(x)
     model = keras.Model(inputs, x, name=name)
     if weights == "imagenet":
         model.load_weights(imagenet_weights_file(include_top))

@@ -220,3 +220,11 @@ def test_the_server_starts_lite0_from_imagenet_even_when_strict(state):
     np.testing.assert_array_equal(stem, state["_conv_stem.weight"].transpose(2, 3, 1, 0))
     _, init = initial_model((28, 28, 1), 32, "none", True, EFFICIENTNET_LITE0)
     assert init == "random"
+
+
+def test_a_random_lite0_still_tells_images_apart(model):
+    # With BatchNorm frozen at identity statistics, Keras' default initialiser made every
+    # image's features ~1e-13: a random-init baseline that could learn nothing.
+    x = np.random.default_rng(4).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
+    features = feature_extractor(model).predict(x, verbose=0)
+    assert features.std(axis=0).mean() > 1e-3
