@@ -11,7 +11,8 @@ depend on the values), then either
 * ``fine-tune``: one ``fit`` epoch with the backbone's last 32 layers unfrozen
   (ResNet50: the conv5 block; Lite0: block6b's projection to the head conv),
 
-after one untimed warm-up call that traces the step. Batch 32; img/s over ``--images``
+after one untimed warm-up pass over the same images (it traces the step; a one-batch
+warm-up left the first timed call up to 1.6x slower). Batch 32; img/s over ``--images``
 images; peak RSS of the whole process (Python, TensorFlow, model, training). With
 ``--repeat N`` every case runs N times, the backbones alternating, and the fastest run
 counts (other processes on a shared machine only ever slow a run down).
@@ -52,13 +53,13 @@ def measure(backbone: str, mode: str, size: int, images: int) -> dict:
     model = build_model(10, (28, 28, 1), size, None, backbone)
     params = model.count_params()
     if mode == "inference":
-        model.predict(x[:BATCH], batch_size=BATCH, verbose=0)
+        model.predict(x, batch_size=BATCH, verbose=0)
         start = time.perf_counter()
         model.predict(x, batch_size=BATCH, verbose=0)
     else:
         set_phase(model, HEAD if mode == "frozen" else FINE_TUNE, 32)
         compile_model(model, 1e-3)
-        model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, verbose=0)
+        model.fit(x, y, batch_size=BATCH, verbose=0)
         start = time.perf_counter()
         model.fit(x, y, batch_size=BATCH, verbose=0)
     seconds = time.perf_counter() - start
