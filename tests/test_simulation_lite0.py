@@ -1,0 +1,58 @@
+"""End to end: `flwr run .` with backbone=efficientnet_lite0, from its shipped weights."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from conftest import log_lines
+
+from fl_app.data import load_test_set
+from fl_app.model import EFFICIENTNET_LITE0, FINE_TUNE, HEAD, backbone_of
+
+TINY = {
+    "backbone": EFFICIENTNET_LITE0,
+    "num-server-rounds": 2,
+    "head-rounds": 1,
+    "input-size": 32,
+    "max-examples-per-node": 96,
+    "max-test-examples": 200,
+    "batch-size": 32,
+}
+
+
+def test_two_rounds_of_lite0_from_its_shipped_imagenet_weights(superlink, tmp_path):
+    # Round 1 trains the head on cached pooled features (1280 wide); round 2 fine-tunes
+    # the last 32 backbone layers on the full model (conv4 caching is ResNet50's).
+    run = superlink.run(tmp_path, TINY)
+
+    assert run.status == "finished:completed", run.details + run.log[-3000:]
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    # The weights ship in a package: no download, no fallback, no warning.
+    assert metrics["init"] == "imagenet"
+    assert log_lines(run.log, r"ImageNet weights are unavailable") == []
+    rounds = metrics["rounds"]
+    assert [r.get("phase") for r in rounds] == [None, HEAD, FINE_TUNE]
+    for r in rounds[1:]:
+        assert r["train_replies"] == 2 and r["rejected_replies"] == 0 and r["model_updated"]
+        assert r["eval_replies"] == 2
+        for key in ("train_loss", "eval_loss", "server_loss", "server_accuracy"):
+            assert np.isfinite(r[key]), key
+        # Two replies of Lite0 + head, ~14 MB of float32 each (ResNet50's: ~95 MB).
+        assert r["bytes_sent"] == 2 * r["bytes_received"]
+        assert 20e6 < r["bytes_received"] < 40e6
+
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert config["run_config"]["backbone"] == EFFICIENTNET_LITE0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = keras.saving.load_model(run.run_dir / "final.keras")
+    assert backbone_of(model).name == EFFICIENTNET_LITE0
+    test = load_test_set("fashion_mnist", 200)
+    _, accuracy = model.evaluate(test.x, test.y, verbose=0)
+    assert accuracy == pytest.approx(rounds[-1]["server_accuracy"], abs=1e-6)
