@@ -97,7 +97,9 @@ class FeatureCache:
         path = self.folder / f"{key}{self.SUFFIX}"
         try:
             value = self._read(path)
-        except (OSError, ValueError, zipfile.BadZipFile):  # absent, or half-written
+        except (OSError, ValueError, zipfile.BadZipFile):  # absent, or unreadable
+            # An unreadable entry goes, so that the next put writes it afresh.
+            path.unlink(missing_ok=True)
             return None
         os.utime(path)  # mark as recently used for eviction
         self._remember(key, value)
@@ -110,11 +112,19 @@ class FeatureCache:
         self._remember(key, value)
         if self.folder is None:
             return
+        path = self.folder / f"{key}{self.SUFFIX}"
+        try:
+            # Keys name their content: an entry already on disk is this value. (Every
+            # virtual node of a simulation stores the same 95 MB base, for one.)
+            os.utime(path)
+            return
+        except FileNotFoundError:
+            pass
         self.folder.mkdir(parents=True, exist_ok=True)
         # Write then rename: a process killed mid-write leaves no half entry behind.
         partial = self.folder / f".{key}.{os.getpid()}.partial{self.SUFFIX}"
         self._write(partial, value)
-        os.replace(partial, self.folder / f"{key}{self.SUFFIX}")
+        os.replace(partial, path)
         files = sorted(self.folder.glob(f"*{self.SUFFIX}"), key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in files)
         for old in files:

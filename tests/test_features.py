@@ -121,6 +121,20 @@ def test_cache_persists_on_disk_and_evicts_least_recently_used(tmp_path):
     assert FeatureCache(max_bytes=10, folder=tmp_path).get("zzz") is None
 
 
+def test_an_entry_already_on_disk_is_not_written_again_and_a_bad_one_is(tmp_path):
+    a = np.ones((10, 2048), np.float32)
+    FeatureCache(1 << 20, tmp_path).put("a", a)
+    inode = (tmp_path / "a.npy").stat().st_ino
+    FeatureCache(1 << 20, tmp_path).put("a", a)  # another process, the same content
+    assert (tmp_path / "a.npy").stat().st_ino == inode
+
+    (tmp_path / "bad.npy").write_bytes(b"half written")
+    fresh = FeatureCache(1 << 20, tmp_path)
+    assert fresh.get("bad") is None
+    fresh.put("bad", a)
+    np.testing.assert_array_equal(FeatureCache(1 << 20, tmp_path).get("bad"), a)
+
+
 def test_unreadable_entry_is_a_miss_and_memory_only_cache_has_no_folder(tmp_path):
     (tmp_path / "bad.npy").write_bytes(b"half written")
     assert FeatureCache(1 << 20, tmp_path).get("bad") is None
