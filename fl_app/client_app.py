@@ -4,7 +4,7 @@ The Keras models are built and compiled once per process and reused across
 rounds and (in simulation) across the virtual nodes a process serves: a
 rebuild would retrace the training step, ~21 s for a full ResNet50. Nodes
 train only what lies after the frozen part of the model, on its cached output
-(``fl_app.features``): the head on pooled features in the head phase, conv5
+(``fl_app.model.features``): the head on pooled features in the head phase, conv5
 and the head on conv4's output when fine-tuning the conv5 block. Both are exact.
 """
 
@@ -21,9 +21,9 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from fl_app.compression import compression_mod
+from fl_app.wire.compression import compression_mod
 from fl_app.data import NUM_CLASSES, NodeData, Split, load_data_dir, load_node_data, split_node_data
-from fl_app.exchange import (
+from fl_app.wire.exchange import (
     BASE,
     BASE_DISK_BYTES,
     BASE_HASH,
@@ -32,8 +32,8 @@ from fl_app.exchange import (
     assemble,
     base_hash,
 )
-from fl_app.features import FeatureCache, feature_key, frozen_digest
-from fl_app.model import (
+from fl_app.model.features import FeatureCache, feature_key, frozen_digest
+from fl_app.model.classifier import (
     BACKBONE_FEATURES,
     CONV5_LAYERS,
     HEAD,

@@ -25,10 +25,10 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from fl_app.compression import METHODS
+from fl_app.wire.compression import METHODS
 from fl_app.data import DATASETS, PARTITIONERS
-from fl_app.exchange import EXCHANGES
-from fl_app.model import (
+from fl_app.wire.exchange import EXCHANGES
+from fl_app.model.classifier import (
     AUGMENTATIONS,
     BACKBONE_LAYER_COUNTS,
     BACKBONE_LAYERS,

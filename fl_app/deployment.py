@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fl_app.federation import (
+from fl_app.launch.local_superlink import (
     BIN,
     CONNECTION,
     FLOWER_SUPERLINK,
@@ -658,7 +658,7 @@ def start_superlink(
     Returns
     -------
     subprocess.Popen
-        The process; stop it with `fl_app.federation.stop_process`.
+        The process; stop it with `fl_app.launch.local_superlink.stop_process`.
     """
     certs.check_superlink()
     check_superlink_host(certs, host)
@@ -710,7 +710,7 @@ def start_supernode(
     Returns
     -------
     subprocess.Popen
-        The process; stop it with `fl_app.federation.stop_process`.
+        The process; stop it with `fl_app.launch.local_superlink.stop_process`.
     """
     check_address(superlink)
     check_supernode_inputs(ca_cert, private_key, data_dir)

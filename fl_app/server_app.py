@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_app.config import validate_run_config
 from fl_app.data import NUM_CLASSES, Split, load_test_set
-from fl_app.model import (
+from fl_app.model.classifier import (
     BACKBONE_TITLES,
     RESNET50,
     build_model,

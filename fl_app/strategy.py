@@ -5,8 +5,8 @@ stock FedAvg, but first rejects malformed replies (one log line each, naming
 the node), keeps the previous global model when too few valid replies are
 left, sends each round's phase and learning rate, and writes ``metrics.json``
 and ``best.keras``/``final.keras`` into the run folder as it goes. Rounds
-carry only the arrays that train (``fl_app.exchange``), optionally compressed
-(``fl_app.compression``); bytes each way are recorded per round.
+carry only the arrays that train (``fl_app.wire.exchange``), optionally compressed
+(``fl_app.wire.compression``); bytes each way are recorded per round.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fl_app.compression import METHODS, RECORD, UPLOAD_ERROR, decode, encode
-from fl_app.exchange import BASE, BASE_HASH, EXCHANGES, base_hash, differing_keys
-from fl_app.model import FINE_TUNE, HEAD
+from fl_app.wire.compression import METHODS, RECORD, UPLOAD_ERROR, decode, encode
+from fl_app.wire.exchange import BASE, BASE_HASH, EXCHANGES, base_hash, differing_keys
+from fl_app.model.classifier import FINE_TUNE, HEAD
 
 TRAIN_METRICS = ("train_loss", "train_accuracy", "train_time", "client_time")
 EVAL_METRICS = ("eval_loss", "eval_accuracy")

@@ -55,7 +55,7 @@ def up(args) -> int:
     print("\nSubmit runs (from the app folder):")
     print(f"  FLWR_HOME={fed.flwr_home} flwr run . fl-app --stream")
     print(
-        f"  python -m fl_app.experiment federation=deployment-tls "
+        f"  python -m fl_app.launch.experiment federation=deployment-tls "
         f"federation.address={fed.address} federation.root_certificates={fed.certs.ca_cert}"
     )
     print("Stop everything:")

@@ -91,7 +91,7 @@ Submit runs (from the app folder), with a connection in $FLWR_HOME/config.toml:
   insecure = false
   root-certificates = "{certs.ca_cert}"
 then: flwr run . fl-app --stream
-  or: python -m fl_app.experiment federation=deployment-tls federation.address={address} \\
+  or: python -m fl_app.launch.experiment federation=deployment-tls federation.address={address} \\
         federation.root_certificates={certs.ca_cert}
 
 $ {shlex.join(cmd)}""",

@@ -10,7 +10,7 @@ from pathlib import Path
 # Runnable from a checkout without installing fl_app.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fl_app.sweep import main
+from fl_app.launch.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main())

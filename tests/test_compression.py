@@ -14,7 +14,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from fl_app.compression import RECORD, UPLOAD_ERROR, compression_mod, decode, encode
+from fl_app.wire.compression import RECORD, UPLOAD_ERROR, compression_mod, decode, encode
 
 # Per element, relative to the array's largest magnitude: float16 keeps 11 significant
 # bits on values scaled into [-1, 1]; int8 rounds to the nearest of 127 levels a side.

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fl_app.config import LAUNCHER_KEYS, RULES, flower_key, to_run_config
-from fl_app.experiment import CONF_DIR, check_config, precheck
+from fl_app.launch.experiment import CONF_DIR, check_config, precheck
 
 PYPROJECT = CONF_DIR.parent / "pyproject.toml"
 GROUPS = {
@@ -133,7 +133,7 @@ def test_good_sweeps_pass_the_check():
 
 def test_launcher_exits_2_with_one_stderr_line_before_starting_anything(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "fl_app.experiment", "dataset.val_fraction=1.5"],
+        [sys.executable, "-m", "fl_app.launch.experiment", "dataset.val_fraction=1.5"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -148,7 +148,7 @@ def test_launcher_exits_2_with_one_stderr_line_before_starting_anything(tmp_path
 
 def test_printing_the_config_runs_nothing_and_exits_0(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "fl_app.experiment", "--cfg", "job", "partitioner=dirichlet"],
+        [sys.executable, "-m", "fl_app.launch.experiment", "--cfg", "job", "partitioner=dirichlet"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
-import fl_app.model  # noqa: F401 - registers the preprocessing layer for load_model
+import fl_app.model.classifier  # noqa: F401 - registers the preprocessing layer for load_model
 from fl_app.data import fashion_mnist_dirs, prepare_node_dirs
 from fl_app.deployment import (
     Certificates,
@@ -374,6 +374,6 @@ def test_local_federation_script_up_and_down_by_pid(tmp_path):
 
 
 def _children(pid: int) -> list[int]:
-    from fl_app.federation import descendants
+    from fl_app.launch.local_superlink import descendants
 
     return descendants(pid)

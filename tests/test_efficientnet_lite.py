@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import skimage.data
 
-from fl_app import efficientnet_lite
-from fl_app.efficientnet_lite import (
+from fl_app.model import efficientnet_lite
+from fl_app.model.efficientnet_lite import (
     EfficientNetLite0,
     checkpoint_path,
     imagenet_weights_file,
     read_torch_state_dict,
 )
-from fl_app.model import (
+from fl_app.model.classifier import (
     BACKBONE_LAYER_COUNTS,
     EFFICIENTNET_LITE0,
     FINE_TUNE,

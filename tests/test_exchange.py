@@ -19,8 +19,8 @@ from flwr.app import (
 )
 
 from fl_app.data import NUM_CLASSES
-from fl_app.exchange import BASE, BASE_HASH, BaseStore, assemble, base_hash, differing_keys
-from fl_app.model import FINE_TUNE, HEAD, build_model, trainable_keys
+from fl_app.wire.exchange import BASE, BASE_HASH, BaseStore, assemble, base_hash, differing_keys
+from fl_app.model.classifier import FINE_TUNE, HEAD, build_model, trainable_keys
 from fl_app.strategy import TransferFedAvg, TransferSchedule
 
 KEYS = {HEAD: ["head/kernel", "head/bias"], FINE_TUNE: ["conv5/kernel", "head/kernel", "head/bias"]}

@@ -55,7 +55,7 @@ def launcher_env(tmp_path: Path) -> dict[str, str]:
 
 def launch(tmp_path: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fl_app.experiment", *args],
+        [sys.executable, "-m", "fl_app.launch.experiment", *args],
         cwd=tmp_path,
         env=launcher_env(tmp_path),
         capture_output=True,
@@ -127,7 +127,7 @@ def test_ctrl_c_stops_the_run_and_everything_the_launcher_started(tmp_path):
         [
             sys.executable,
             "-m",
-            "fl_app.experiment",
+            "fl_app.launch.experiment",
             *TINY,
             "num_server_rounds=50",
             f"hydra.run.dir={out}",

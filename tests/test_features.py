@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from fl_app.features import FeatureCache, feature_key, frozen_digest
-from fl_app.model import (
+from fl_app.model.features import FeatureCache, feature_key, frozen_digest
+from fl_app.model.classifier import (
     CONV5_LAYERS,
     FINE_TUNE,
     HEAD,

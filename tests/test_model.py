@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from keras.applications import resnet50
 
-from fl_app.model import (
+from fl_app.model.classifier import (
     BACKBONE,
     BACKBONE_LAYERS,
     CONV5_LAYERS,

@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY, log_lines
 
 from fl_app.data import NUM_CLASSES, load_test_set
-from fl_app.model import FINE_TUNE, HEAD, build_model
+from fl_app.model.classifier import FINE_TUNE, HEAD, build_model
 
 
 def test_two_rounds_on_two_supernodes_write_metrics_and_a_loadable_model(superlink, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY, log_lines
 
 from fl_app.data import load_test_set
-from fl_app.model import EFFICIENTNET_LITE0, FINE_TUNE, HEAD, backbone_of
+from fl_app.model.classifier import EFFICIENTNET_LITE0, FINE_TUNE, HEAD, backbone_of
 
 LITE0 = {**TINY, "backbone": EFFICIENTNET_LITE0}
 

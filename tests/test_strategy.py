@@ -19,7 +19,7 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg
 
-from fl_app.model import FINE_TUNE, HEAD
+from fl_app.model.classifier import FINE_TUNE, HEAD
 from fl_app.strategy import TransferFedAvg, TransferSchedule
 
 SHAPES = {"dense/kernel": (6, 4), "dense/bias": (4,), "bn/moving_mean": (4,)}

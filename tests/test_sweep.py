@@ -1,4 +1,4 @@
-"""fl_app.sweep on real sweep folders written to disk, and its command line."""
+"""fl_app.launch.sweep on real sweep folders written to disk, and its command line."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from fl_app.sweep import COLUMNS, main, read_sweep, summarize_sweep
+from fl_app.launch.sweep import COLUMNS, main, read_sweep, summarize_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

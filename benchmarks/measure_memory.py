@@ -24,7 +24,7 @@ def measure(phase: str, size: int) -> int:
     """Train once in this process; return its peak RSS in MB."""
     import numpy as np
 
-    from fl_app.model import CONV5_LAYERS, build_head, build_model, compile_model, set_phase
+    from fl_app.model.classifier import CONV5_LAYERS, build_head, build_model, compile_model, set_phase
 
     rng = np.random.default_rng(0)
     y = np.arange(256) % 10

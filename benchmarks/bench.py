@@ -5,7 +5,7 @@ Every run is a real `flwr run` simulation on its own local SuperLink, on the sam
 Fashion-MNIST partitions, start weights and rounds (all rounds train the head on
 the frozen backbone). Ratios compare runs of this one invocation:
 
-1. time per train message after round 1 inside our client vs ``fl_app.baseline_client``
+1. time per train message after round 1 inside our client vs ``benchmarks.baseline_client``
    (Flower's quickstart-tensorflow style: a fresh model every message, every weight
    sent), and the whole round as the server sees it;
 2. bytes uploaded per client per round after round 1 for each compression (none,
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_app.data import Split
-from fl_app.federation import LocalSuperLink, descendants
+from fl_app.launch.local_superlink import LocalSuperLink, descendants
 
 if TYPE_CHECKING:
     import keras  # imported when needed: --help should not wait for TensorFlow
@@ -130,7 +130,7 @@ def baseline_app(root: Path) -> Path:
     pyproject = (REPO / "pyproject.toml").read_text()
     if ours not in pyproject:
         raise RuntimeError(f"pyproject.toml has no line {ours!r} to point at the baseline")
-    baseline = pyproject.replace(ours, 'clientapp = "fl_app.baseline_client:app"')
+    baseline = pyproject.replace(ours, 'clientapp = "benchmarks.baseline_client:app"')
     (app_dir / "pyproject.toml").write_text(baseline)
     return app_dir
 
@@ -196,7 +196,7 @@ def bare_fit(
     import keras
 
     from fl_app.data import NUM_CLASSES
-    from fl_app.model import build_head, compile_model, feature_extractor, reset_optimizer
+    from fl_app.model.classifier import build_head, compile_model, feature_extractor, reset_optimizer
 
     features = feature_extractor(model).predict(data.x, batch_size=batch_size, verbose=0)
     head = build_head(NUM_CLASSES, features.shape[-1])
@@ -410,7 +410,7 @@ def parse_args() -> argparse.Namespace:
             setattr(args, key, value)
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: round times and uploads are taken after round 1")
-    from fl_app.model import BACKBONES
+    from fl_app.model.classifier import BACKBONES
 
     if args.backbone not in BACKBONES:
         parser.error(f"--backbone {args.backbone!r} is not one of {', '.join(BACKBONES)}")

@@ -3,7 +3,7 @@
 
 Runs, with the same rounds, nodes, examples and schedule:
 
-* four federated runs through the Hydra launcher (``python -m fl_app.experiment``, a
+* four federated runs through the Hydra launcher (``python -m fl_app.launch.experiment``, a
   local simulation): EfficientNet-Lite0 from its ImageNet weights (IID), Lite0 from
   random weights (IID), ResNet50 from random weights (IID; no ImageNet ResNet50 weights
   are reachable offline), and Lite0 ImageNet on Dirichlet(alpha) partitions;
@@ -65,7 +65,7 @@ def run_federated(name: str, overrides: list[str], job_dir: Path) -> dict:
     """One launcher run; its per-round server accuracy from the job's metrics.json."""
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "fl_app.experiment", *overrides, f"hydra.run.dir={job_dir}"],
+        [sys.executable, "-m", "fl_app.launch.experiment", *overrides, f"hydra.run.dir={job_dir}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -92,7 +92,7 @@ def run_centralised(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from fl_app.data import NUM_CLASSES, load_node_data, load_test_set
-    from fl_app.model import (
+    from fl_app.model.classifier import (
         FINE_TUNE,
         HEAD,
         build_model,

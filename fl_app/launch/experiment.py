@@ -1,6 +1,6 @@
 """Experiment launcher: compose a Hydra config, run it with `flwr run`, collect results.
 
-``python -m fl_app.experiment [key=value ...]`` runs one experiment;
+``python -m fl_app.launch.experiment [key=value ...]`` runs one experiment;
 ``-m key=a,b ...`` sweeps every combination and ends with ``summary.csv`` and
 ``accuracy.png`` in the sweep folder. Every job's config is checked before the
 first one starts; a bad key or value stops the launcher with one line.
@@ -29,8 +29,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from fl_app.config import ExperimentConfig, to_run_config, validate_run_config
-from fl_app.federation import FlowerCLI, LocalSuperLink, RunStatus, write_connection
-from fl_app.sweep import summarize_sweep
+from fl_app.launch.local_superlink import FlowerCLI, LocalSuperLink, RunStatus, write_connection
+from fl_app.launch.sweep import summarize_sweep
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = APP_DIR / "conf"
@@ -51,7 +51,7 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
     if unknown is not None:
         raise ValueError(
             f"{unknown} is not a key of the experiment config: see "
-            "`python -m fl_app.experiment --cfg job` for the keys there are"
+            "`python -m fl_app.launch.experiment --cfg job` for the keys there are"
         )
     mapped = to_run_config(cfg)
     run_config = {key: value for key, (_, value) in mapped.items()}

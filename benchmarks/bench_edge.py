@@ -44,7 +44,7 @@ def measure(backbone: str, mode: str, size: int, images: int) -> dict:
     import keras
     import numpy as np
 
-    from fl_app.model import FINE_TUNE, HEAD, build_model, compile_model, set_phase
+    from fl_app.model.classifier import FINE_TUNE, HEAD, build_model, compile_model, set_phase
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 # The same node data and per-round seeds as our client.
 from fl_app.client_app import node_data, seed_round
 from fl_app.data import NUM_CLASSES
-from fl_app.model import (
+from fl_app.model.classifier import (
     HEAD,
     build_model,
     compile_model,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_app.data import prepare_node_dirs
 from fl_app.deployment import LocalFederation
-from fl_app.federation import FlowerCLI, LocalSuperLink
+from fl_app.launch.local_superlink import FlowerCLI, LocalSuperLink
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fl_app.features import FeatureCache, digest_arrays
+from fl_app.model.features import FeatureCache, digest_arrays
 
 # RecordDict key of the full model a node stores, and the config key naming it.
 BASE = "base"

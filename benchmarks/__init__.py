@@ -1,0 +1,1 @@
+"""Benchmarks and reports of fl_app; not part of the installed package."""

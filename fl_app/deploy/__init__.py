@@ -1,0 +1,1 @@
+"""Real deployments: certificates and keys, command lines, a local TLS federation."""

@@ -1,0 +1,1 @@
+"""The classifier: backbones, the head, and the cache of frozen activations."""
