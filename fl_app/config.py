@@ -1,46 +1,71 @@
-"""Run configuration: the rules of Flower's run-config keys, and the Hydra schema.
+"""Every run-config key, declared once, and its parse into a frozen `RunConfig`.
 
-``[tool.flwr.app.config]`` in pyproject.toml is the single source of defaults.
-The Hydra config in ``conf/`` carries the same keys by one rule:
+A key is a field of `RunConfig`: its Flower name is the field name with
+hyphens (``num_server_rounds`` is ``num-server-rounds``), its type the field's,
+its default the one ``[tool.flwr.app.config]`` in pyproject.toml carries, and
+its metadata say what is allowed, its one-line help and where it lives in the
+Hydra config (``conf/``). ``tests/test_config.py`` fails when pyproject or a
+Hydra group adds, drops or mistypes a key.
 
-* a top-level leaf ``num_server_rounds`` is the Flower key ``num-server-rounds``
-  (underscores become hyphens);
-* a leaf inside a group, ``strategy.fraction_train``, is ``fraction-train``: the
-  group is dropped;
-* a group's ``name`` leaf is the key named after the group: ``dataset.name`` is
-  ``dataset``, ``partitioner.name`` is ``partitioner``;
-* the ``federation`` group says where a run goes, not how it trains: it is not
-  part of the run config, and ``results-dir`` is set by the launcher.
-
-``tests/test_config.py`` fails when the two drift apart.
+This module imports no Keras: the launcher validates with it before any
+process starts, and the ServerApp and ClientApp parse their run config with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import string
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
+from fl_app.model.backbones import BACKBONES, MIN_INPUT_SIZE
 
-from fl_app.wire.compression import METHODS
-from fl_app.data import DATASETS, PARTITIONERS
-from fl_app.wire.exchange import EXCHANGES
-from fl_app.model.classifier import (
-    AUGMENTATIONS,
-    BACKBONE_LAYER_COUNTS,
-    BACKBONE_LAYERS,
-    BACKBONES,
-    CONV5_LAYERS,
-    MIN_INPUT_SIZE,
-)
-
-LAUNCHER_GROUPS = ("federation",)
-LAUNCHER_KEYS = ("results-dir",)
+DATASETS = ("fashion_mnist", "mnist", "cifar10")
+PARTITIONERS = ("iid", "dirichlet")
+EXCHANGES = ("trainable", "full")
+COMPRESSIONS = ("none", "float16", "int8")
+# Random changes that keep the label: a shift by up to 10% of the side, and for
+# datasets whose mirror images are the same class, a left-right flip.
+AUGMENTATIONS = ("none", "shift", "flip-shift")
+WEIGHT_FILE_SUFFIXES = (".keras", ".weights.h5", ".h5")
 RESULTS_DIR_FIELDS = ("time", "run_id")
-WEIGHT_CHOICES = "imagenet, none, or an existing .keras/.weights.h5/.h5 weights file"
+# The Hydra group of keys the launcher sets per job rather than the user.
+LAUNCHER = "launcher"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must satisfy, and how the error message says it."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def at_least(low: float, what: str = "an integer") -> Rule:
+    """``value >= low``."""
+    return Rule(lambda v: v >= low, f"{what} >= {low:g}")
+
+
+def above(low: float) -> Rule:
+    """``value > low``."""
+    return Rule(lambda v: v > low, f"a number > {low:g}")
+
+
+def one_of(choices: typing.Iterable[str]) -> Rule:
+    """``value in choices``."""
+    allowed = tuple(choices)
+    return Rule(lambda v: v in allowed, "one of " + ", ".join(allowed))
+
+
+ANY = Rule(lambda v: True, "")
+
+
+def _weights_ok(value: str) -> bool:
+    # Whether the file exists is checked where it is read (`RunConfig.parse`'s check_files).
+    return value in ("imagenet", "none") or value.endswith(WEIGHT_FILE_SUFFIXES)
 
 
 def _template_ok(value: str) -> bool:
@@ -48,50 +73,242 @@ def _template_ok(value: str) -> bool:
     return bool(value) and fields <= set(RESULTS_DIR_FIELDS)
 
 
-# Flower key: (type, test, what is allowed). Flower itself refuses unknown keys.
-RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
-    "num-server-rounds": (int, lambda v: v >= 1, "an integer >= 1"),
-    "fraction-train": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "fraction-evaluate": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "min-train-nodes": (int, lambda v: v >= 1, "an integer >= 1"),
-    "min-evaluate-nodes": (int, lambda v: v >= 0, "an integer >= 0"),
-    "min-available-nodes": (int, lambda v: v >= 1, "an integer >= 1"),
-    "local-epochs": (int, lambda v: v >= 1, "an integer >= 1"),
-    "batch-size": (int, lambda v: v >= 1, "an integer >= 1"),
-    "learning-rate": (float, lambda v: v > 0, "a number > 0"),
-    "head-rounds": (int, lambda v: v >= 0, "an integer >= 0"),
-    "fine-tune-layers": (
-        int,
-        lambda v: 0 <= v <= BACKBONE_LAYERS,
-        f"an integer in 0..{BACKBONE_LAYERS} (ResNet50's layers; {CONV5_LAYERS} = conv5)",
-    ),
-    "fine-tune-learning-rate": (float, lambda v: v > 0, "a number > 0"),
-    "backbone": (str, lambda v: v in BACKBONES, "one of " + ", ".join(BACKBONES)),
-    "input-size": (int, lambda v: v >= MIN_INPUT_SIZE, f"an integer >= {MIN_INPUT_SIZE}"),
-    "weights": (
-        str,
-        lambda v: v in ("imagenet", "none") or Path(v).expanduser().is_file(),
-        WEIGHT_CHOICES,
-    ),
-    "strict-weights": (bool, lambda v: True, "true or false"),
-    "exchange": (str, lambda v: v in EXCHANGES, "one of " + ", ".join(EXCHANGES)),
-    "compression": (str, lambda v: v in METHODS, "one of " + ", ".join(METHODS)),
-    "augmentation": (str, lambda v: v in AUGMENTATIONS, "one of " + ", ".join(AUGMENTATIONS)),
-    "feature-cache": (bool, lambda v: True, "true or false"),
-    "feature-cache-mb": (int, lambda v: v >= 1, "an integer >= 1 (megabytes)"),
-    "dataset": (str, lambda v: v in DATASETS, "one of " + ", ".join(DATASETS)),
-    "partitioner": (str, lambda v: v in PARTITIONERS, "one of " + ", ".join(PARTITIONERS)),
-    "dirichlet-alpha": (float, lambda v: v > 0, "a number > 0"),
-    "seed": (int, lambda v: v >= 0, "an integer >= 0"),
-    "max-examples-per-node": (int, lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
-    "val-fraction": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "max-test-examples": (int, lambda v: v >= 0, "an integer >= 0 (0 = the whole test set)"),
-    "results-dir": (
-        str,
-        _template_ok,
-        "a folder path, optionally with {time} and {run_id} placeholders",
-    ),
-}
+def key(
+    default: Any,
+    help: str,
+    rule: Rule = ANY,
+    group: str | None = None,
+    leaf: str | None = None,
+) -> Any:
+    """Declare a run-config key: a dataclass field with its rule, help and Hydra place.
+
+    ``group`` is its Hydra config group (``None``: top level); ``leaf`` its name
+    there when not the field's own (``dataset.name`` is the key ``dataset``).
+    """
+    return field(
+        default=default, metadata={"rule": rule, "help": help, "group": group, "leaf": leaf}
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The parsed run config: every key, typed and checked."""
+
+    # Rounds and sampling (FedAvg).
+    num_server_rounds: int = key(3, "Rounds of federated training.", at_least(1))
+    fraction_train: float = key(
+        1.0,
+        "Fraction of available nodes sampled to train each round.",
+        Rule(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        "strategy",
+    )
+    fraction_evaluate: float = key(
+        1.0,
+        "Fraction of available nodes sampled to evaluate each round (0: none).",
+        Rule(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "strategy",
+    )
+    min_train_nodes: int = key(
+        2, "Fewest valid train replies that update the model.", at_least(1), "strategy"
+    )
+    min_evaluate_nodes: int = key(
+        2, "Fewest nodes sampled for evaluation.", at_least(0), "strategy"
+    )
+    min_available_nodes: int = key(2, "Nodes to wait for before round 1.", at_least(1), "strategy")
+    # What travels.
+    exchange: str = key(
+        "trainable",
+        "trainable: a node gets the full model once, then only the arrays that train; "
+        "full: every array, every round.",
+        one_of(EXCHANGES),
+        "strategy",
+    )
+    compression: str = key(
+        "none",
+        "Arrays both ways: none, float16 or int8 (per-array scale; uploads as differences).",
+        one_of(COMPRESSIONS),
+        "strategy",
+    )
+    # Local training.
+    local_epochs: int = key(1, "Epochs each node trains per round.", at_least(1))
+    batch_size: int = key(32, "Batch size of local training and evaluation.", at_least(1))
+    # Transfer schedule.
+    learning_rate: float = key(0.001, "Learning rate of the head rounds.", above(0))
+    head_rounds: int = key(
+        2, "Rounds 1..head-rounds train the head on a frozen backbone.", at_least(0)
+    )
+    fine_tune_layers: int = key(
+        32,
+        "Later rounds also train the backbone's last this many layers (32 = ResNet50's "
+        "conv5; 0: never).",
+        at_least(0),
+        "model",
+    )
+    fine_tune_learning_rate: float = key(0.0001, "Learning rate of the fine-tune rounds.", above(0))
+    # Model.
+    backbone: str = key("resnet50", "The backbone.", one_of(BACKBONES), "model")
+    input_size: int = key(
+        32,
+        "Side of the square image the backbone sees.",
+        at_least(MIN_INPUT_SIZE),
+        "model",
+    )
+    weights: str = key(
+        "imagenet",
+        "Start weights: imagenet, none (random) or a .keras/.weights.h5/.h5 file.",
+        Rule(_weights_ok, "imagenet, none, or an existing .keras/.weights.h5/.h5 weights file"),
+        "model",
+    )
+    strict_weights: bool = key(
+        False,
+        "Fail instead of starting from random weights when imagenet is missing.",
+        group="model",
+    )
+    augmentation: str = key(
+        "none",
+        "Random training-time changes: none, shift (up to 10%) or flip-shift (also a "
+        "mirror; not for digits). Bypasses the feature cache.",
+        one_of(AUGMENTATIONS),
+        "model",
+    )
+    feature_cache: bool = key(
+        True,
+        "Nodes compute the frozen part's output once and train the rest on it (exact).",
+        group="model",
+    )
+    feature_cache_mb: int = key(
+        1024,
+        "Memory (and, deployed, disk) for cached activations, in MB.",
+        at_least(1),
+        "model",
+    )
+    # Data.
+    dataset: str = key(
+        "fashion_mnist", "Dataset of a simulation.", one_of(DATASETS), "dataset", "name"
+    )
+    partitioner: str = key(
+        "iid",
+        "How a simulation splits the data: iid or dirichlet.",
+        one_of(PARTITIONERS),
+        "partitioner",
+        "name",
+    )
+    dirichlet_alpha: float = key(
+        0.5, "Dirichlet concentration: smaller, more skew.", above(0), "partitioner"
+    )
+    seed: int = key(42, "Seed of partitions, start weights and local training.", at_least(0))
+    max_examples_per_node: int = key(
+        600, "Cap on each node's examples (0: no cap).", at_least(0), "dataset"
+    )
+    val_fraction: float = key(
+        0.1,
+        "Fraction of a node's examples held out for its evaluation.",
+        Rule(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        "dataset",
+    )
+    max_test_examples: int = key(
+        2000,
+        "Server's test examples (0: the whole test set).",
+        at_least(0),
+        "dataset",
+    )
+    results_dir: str = key(
+        "outputs/{time}-run{run_id}",
+        "The run folder; {time} and {run_id} are filled in; relative to the SuperLink's "
+        "working directory.",
+        Rule(_template_ok, "a folder path, optionally with {time} and {run_id} placeholders"),
+        LAUNCHER,
+    )
+
+    @classmethod
+    def parse(
+        cls,
+        values: Mapping[str, Any],
+        name: Callable[[str], str] | None = None,
+        check_files: bool = True,
+    ) -> RunConfig:
+        """Check a Flower run config and return it typed.
+
+        Raises ``ValueError`` with one line naming the first bad key, its value and
+        what is allowed. ``name`` turns a Flower key into the name the user wrote
+        (e.g. the Hydra path); ``check_files`` also requires a weights file to exist
+        (not on nodes: only the server reads it).
+        """
+        name = name or (lambda flower: flower)
+        parsed: dict[str, Any] = {}
+        for spec in fields():
+            flower = flower_key(spec)
+            if flower not in values:
+                raise ValueError(f"{name(flower)} is missing: expected {_allowed(spec)}")
+            value = values[flower]
+            if not _type_ok(value, spec.type) or not spec.metadata["rule"].ok(value):
+                raise ValueError(
+                    f"{name(flower)}={value!r} is not allowed: expected {_allowed(spec)}"
+                )
+            parsed[spec.name] = spec.type(value)
+        config = cls(**parsed)
+        config._check_together(name, check_files)
+        return config
+
+    def _check_together(self, name: Callable[[str], str], check_files: bool) -> None:
+        layers = BACKBONES[self.backbone].layers
+        if self.fine_tune_layers > layers:
+            raise ValueError(
+                f"{name('fine-tune-layers')}={self.fine_tune_layers} is not allowed with "
+                f"{name('backbone')}={self.backbone!r}: expected an integer in 0..{layers} "
+                f"({BACKBONES[self.backbone].title}'s layers)"
+            )
+        if self.val_fraction == 0 and self.fraction_evaluate > 0:
+            raise ValueError(
+                f"{name('val-fraction')}=0 leaves nodes nothing to evaluate on: "
+                f"expected {name('val-fraction')} > 0 or {name('fraction-evaluate')}=0"
+            )
+        if check_files and self.weights_file is not None and not self.weights_file.is_file():
+            raise ValueError(
+                f"{name('weights')}={self.weights!r} is not allowed: expected "
+                "imagenet, none, or an existing .keras/.weights.h5/.h5 weights file"
+            )
+
+    @property
+    def weights_file(self) -> Path | None:
+        """The start weights' file, or ``None`` for ``imagenet`` and ``none``."""
+        if self.weights in ("imagenet", "none"):
+            return None
+        return Path(self.weights).expanduser().resolve()
+
+    def to_flower(self) -> dict[str, Any]:
+        """The Flower run config: ``{flower key: value}``."""
+        return {flower_key(spec): getattr(self, spec.name) for spec in fields()}
+
+
+def fields() -> tuple[dataclasses.Field, ...]:
+    """The declared keys, in declaration order, with their types resolved."""
+    return _FIELDS
+
+
+def flower_key(spec: dataclasses.Field) -> str:
+    """The Flower name of a key: ``num_server_rounds`` → ``num-server-rounds``."""
+    return spec.name.replace("_", "-")
+
+
+def hydra_path(spec: dataclasses.Field) -> str | None:
+    """Where a key lives in the Hydra config; ``None`` for the launcher's own keys."""
+    group, leaf = spec.metadata["group"], spec.metadata["leaf"] or spec.name
+    if group == LAUNCHER:
+        return None
+    return f"{group}.{leaf}" if group else leaf
+
+
+def defaults() -> dict[str, Any]:
+    """Every key's default, by Flower name (what pyproject.toml declares)."""
+    return {flower_key(spec): spec.default for spec in fields()}
+
+
+def _allowed(spec: dataclasses.Field) -> str:
+    allowed = spec.metadata["rule"].allowed
+    if allowed:
+        return allowed
+    return "true or false" if spec.type is bool else f"a {spec.type.__name__}"
 
 
 def _type_ok(value: Any, kind: type) -> bool:
@@ -101,133 +318,12 @@ def _type_ok(value: Any, kind: type) -> bool:
     return isinstance(value, (int, float) if kind is float else kind)
 
 
-def validate_run_config(
-    run_config: Mapping[str, Any], name: Callable[[str], str] = lambda key: key
-) -> None:
-    """Raise ``ValueError`` naming the first bad key, its value and what is allowed.
-
-    ``name`` turns a Flower key into the name the user wrote (e.g. a Hydra path).
-    """
-    for key, (kind, ok, allowed) in RULES.items():
-        if key not in run_config:
-            raise ValueError(f"{name(key)} is missing: expected {allowed}")
-        value = run_config[key]
-        if not _type_ok(value, kind) or not ok(value):
-            raise ValueError(f"{name(key)}={value!r} is not allowed: expected {allowed}")
-    backbone, layers = run_config["backbone"], run_config["fine-tune-layers"]
-    if layers > BACKBONE_LAYER_COUNTS[backbone]:
-        raise ValueError(
-            f"{name('fine-tune-layers')}={layers} is not allowed with "
-            f"{name('backbone')}={backbone!r}: expected an integer in "
-            f"0..{BACKBONE_LAYER_COUNTS[backbone]} ({backbone}'s layers)"
-        )
-    if run_config["val-fraction"] == 0 and run_config["fraction-evaluate"] > 0:
-        raise ValueError(
-            f"{name('val-fraction')}=0 leaves nodes nothing to evaluate on: "
-            f"expected {name('val-fraction')} > 0 or {name('fraction-evaluate')}=0"
-        )
+def _resolved_fields() -> tuple[dataclasses.Field, ...]:
+    hints = typing.get_type_hints(RunConfig)
+    specs = dataclasses.fields(RunConfig)
+    for spec in specs:
+        spec.type = hints[spec.name]
+    return specs
 
 
-def flower_key(path: str) -> str:
-    """The Flower run-config key of a Hydra leaf path (see the module docstring)."""
-    *groups, leaf = path.split(".")
-    if groups and leaf == "name":
-        leaf = groups[-1]
-    return leaf.replace("_", "-")
-
-
-def to_run_config(cfg: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
-    """Map a composed Hydra config onto Flower keys: ``{key: (hydra path, value)}``."""
-    out: dict[str, tuple[str, Any]] = {}
-    for top, value in cfg.items():
-        if top in LAUNCHER_GROUPS or top == "hydra":
-            continue
-        leaves = value.items() if isinstance(value, Mapping) else [(None, value)]
-        for leaf, leaf_value in leaves:
-            path = top if leaf is None else f"{top}.{leaf}"
-            key = flower_key(path)
-            if key in out:
-                raise ValueError(f"{path} and {out[key][0]} both map to Flower key '{key}'")
-            out[key] = (path, leaf_value)
-    return out
-
-
-# ---- Hydra schema: types come from here, values from conf/*.yaml -------------
-
-
-@dataclass
-class FederationConfig:
-    """Where a run goes: a local simulation or a SuperLink of a deployment."""
-
-    kind: str = MISSING
-    # simulation
-    num_supernodes: int = 2
-    client_num_cpus: int = 2
-    client_num_gpus: float = 0.0
-    # deployment
-    address: str | None = None
-    insecure: bool = False
-    root_certificates: str | None = None
-
-
-@dataclass
-class ModelConfig:
-    """The model group."""
-
-    backbone: str = MISSING
-    input_size: int = MISSING
-    weights: str = MISSING
-    strict_weights: bool = MISSING
-    fine_tune_layers: int = MISSING
-    augmentation: str = MISSING
-    feature_cache: bool = MISSING
-    feature_cache_mb: int = MISSING
-
-
-@dataclass
-class DatasetConfig:
-    """The dataset group."""
-
-    name: str = MISSING
-    max_examples_per_node: int = MISSING
-    val_fraction: float = MISSING
-    max_test_examples: int = MISSING
-
-
-@dataclass
-class PartitionerConfig:
-    """The partitioner group."""
-
-    name: str = MISSING
-    dirichlet_alpha: float = MISSING
-
-
-@dataclass
-class StrategyConfig:
-    """The strategy group (FedAvg sampling)."""
-
-    fraction_train: float = MISSING
-    fraction_evaluate: float = MISSING
-    min_train_nodes: int = MISSING
-    min_evaluate_nodes: int = MISSING
-    min_available_nodes: int = MISSING
-    exchange: str = MISSING
-    compression: str = MISSING
-
-
-@dataclass
-class ExperimentConfig:
-    """The whole experiment: groups plus top-level run settings."""
-
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    num_server_rounds: int = MISSING
-    local_epochs: int = MISSING
-    batch_size: int = MISSING
-    learning_rate: float = MISSING
-    head_rounds: int = MISSING
-    fine_tune_learning_rate: float = MISSING
-    seed: int = MISSING
+_FIELDS = _resolved_fields()

@@ -1,4 +1,4 @@
-"""Hydra config: every group composes, matches pyproject's run config, bad input is refused."""
+"""The run-config schema: pyproject and every Hydra group match it, bad input is refused."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
-from fl_app.config import LAUNCHER_KEYS, RULES, flower_key, to_run_config
+from fl_app.config import RunConfig, defaults, fields, flower_key, hydra_path
 from fl_app.launch.experiment import CONF_DIR, check_config, precheck
 
 PYPROJECT = CONF_DIR.parent / "pyproject.toml"
@@ -56,20 +56,54 @@ def test_every_group_option_composes_against_the_schema(group, option, tmp_path)
         assert cfg.federation.kind == option.split("-")[0]
 
 
-def test_hydra_and_pyproject_carry_the_same_keys_and_defaults():
+def test_pyproject_declares_every_key_of_the_schema_with_its_type_and_default():
     flower = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
-    hydra_keys = {key: value for key, (_, value) in to_run_config(compose()).items()}
-    assert set(flower) - set(LAUNCHER_KEYS) == set(hydra_keys), "keys drifted apart"
-    drifted = {k: (flower[k], v) for k, v in hydra_keys.items() if flower[k] != v}
-    assert drifted == {}, "defaults drifted apart (pyproject, hydra)"
-    assert set(RULES) == set(flower), "every Flower key needs a validation rule"
+    assert list(flower) == list(defaults()), "keys added, dropped or reordered in pyproject"
+    for spec in fields():
+        value = flower[flower_key(spec)]
+        assert type(value) is spec.type or (spec.type is float and type(value) is int), spec.name
+    assert flower == defaults(), "defaults drifted apart (pyproject, fl_app/config.py)"
+    assert RunConfig.parse(flower) == RunConfig()
 
 
-def test_mapping_rule():
-    assert flower_key("num_server_rounds") == "num-server-rounds"
-    assert flower_key("strategy.fraction_train") == "fraction-train"
-    assert flower_key("dataset.name") == "dataset"
-    assert flower_key("partitioner.dirichlet_alpha") == "dirichlet-alpha"
+def test_the_default_hydra_config_is_the_schema_default():
+    run_config = check_config(compose())
+    assert {**run_config, "results-dir": RunConfig().results_dir} == defaults()
+
+
+def test_hydra_paths():
+    paths = {flower_key(spec): hydra_path(spec) for spec in fields()}
+    assert paths["num-server-rounds"] == "num_server_rounds"
+    assert paths["fraction-train"] == "strategy.fraction_train"
+    assert paths["dataset"] == "dataset.name"
+    assert paths["dirichlet-alpha"] == "partitioner.dirichlet_alpha"
+    assert paths["results-dir"] is None  # the launcher sets it per job
+
+
+@pytest.mark.parametrize(
+    "hydra_override,flower_override",
+    [
+        ("strategy.fraction_train=1.5", {"fraction-train": 1.5}),
+        ("model.input_size=16", {"input-size": 16}),
+        ("model.backbone=mobilenet", {"backbone": "mobilenet"}),
+        ("dataset.name=svhn", {"dataset": "svhn"}),
+        ("model.augmentation=rotate", {"augmentation": "rotate"}),
+    ],
+)
+def test_flower_and_hydra_refuse_a_bad_value_with_the_same_line(hydra_override, flower_override):
+    with pytest.raises(ValueError) as flower_error:
+        RunConfig.parse({**defaults(), **flower_override})
+    hydra_error = precheck([hydra_override])
+    path, key = hydra_override.split("=")[0], next(iter(flower_override))
+    assert hydra_error == str(flower_error.value).replace(key, path, 1)
+
+
+def test_a_weights_file_is_checked_only_where_it_is_read():
+    bad = {**defaults(), "weights": "/no/such/start.weights.h5"}
+    assert RunConfig.parse(bad, check_files=False).weights_file.name == "start.weights.h5"
+    with pytest.raises(ValueError) as error:
+        RunConfig.parse(bad)
+    assert str(error.value).startswith("weights='/no/such/start.weights.h5' is not allowed")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ first one starts; a bad key or value stops the launcher with one line.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -17,7 +16,8 @@ import shutil
 import sys
 import tempfile
 import time
-import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,60 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fl_app.config import ExperimentConfig, to_run_config, validate_run_config
+from fl_app.config import RunConfig, flower_key, hydra_path
+from fl_app.config import fields as config_fields
 from fl_app.launch.local_superlink import FlowerCLI, LocalSuperLink, RunStatus, write_connection
 from fl_app.launch.sweep import summarize_sweep
 
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = APP_DIR / "conf"
 FEDERATION_KINDS = ("simulation", "deployment")
 
-ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
 log = logging.getLogger(__name__)
 # Outcome of every job this process ran; the exit code is read from it.
 _outcomes: list[str] = []
+
+
+@dataclass
+class FederationConfig:
+    """Where a run goes: a local simulation or a SuperLink of a deployment."""
+
+    kind: str = MISSING
+    # simulation
+    num_supernodes: int = 2
+    client_num_cpus: int = 2
+    client_num_gpus: float = 0.0
+    # deployment
+    address: str | None = None
+    insecure: bool = False
+    root_certificates: str | None = None
+
+
+def experiment_schema() -> type:
+    """Hydra's structured config: the federation group, then every run-config key.
+
+    Types come from `fl_app.config.RunConfig`; values from ``conf/*.yaml``.
+    """
+    groups: dict[str, list[tuple[str, type, Any]]] = {}
+    for spec in config_fields():
+        path = hydra_path(spec)
+        if path is not None:
+            group, _, leaf = path.rpartition(".")
+            groups.setdefault(group, []).append((leaf, spec.type, field(default=MISSING)))
+    top = groups.pop("")
+    nested = [
+        (group, schema, field(default_factory=schema))
+        for group, schema in [
+            ("federation", FederationConfig),
+            *((g, make_dataclass(f"{g.title()}Config", leaves)) for g, leaves in groups.items()),
+        ]
+    ]
+    return make_dataclass("ExperimentConfig", [*nested, *top])
+
+
+ConfigStore.instance().store(name="experiment_schema", node=experiment_schema())
 
 
 def check_config(cfg: DictConfig) -> dict[str, Any]:
@@ -47,18 +87,24 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
 
     Raises ``ValueError`` naming the Hydra key, the value and what is allowed.
     """
-    unknown = _unknown_key(cfg, ExperimentConfig)
-    if unknown is not None:
-        raise ValueError(
-            f"{unknown} is not a key of the experiment config: see "
-            "`python -m fl_app.launch.experiment --cfg job` for the keys there are"
-        )
-    mapped = to_run_config(cfg)
-    run_config = {key: value for key, (_, value) in mapped.items()}
-    paths = {key: path for key, (path, _) in mapped.items()}
+    paths = {flower_key(s): hydra_path(s) for s in config_fields() if hydra_path(s)}
+    known = {*paths.values()}
+    for group, node in cfg.items():
+        leaves = [f"{group}.{leaf}" for leaf in node] if isinstance(node, Mapping) else [group]
+        unknown = [path for path in leaves if path not in known and group != "federation"]
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]} is not a key of the experiment config: see "
+                "`python -m fl_app.launch.experiment --cfg job` for the keys there are"
+            )
+    run_config = {key: OmegaConf.select(cfg, path) for key, path in paths.items()}
     # results-dir is the launcher's, set per job; validate the rest.
-    validate_run_config({**run_config, "results-dir": "."}, name=lambda k: paths.get(k, k))
-    fed = cfg.federation
+    RunConfig.parse({**run_config, "results-dir": "."}, name=lambda key: paths.get(key, key))
+    _check_federation(cfg.federation)
+    return run_config
+
+
+def _check_federation(fed: DictConfig) -> None:
     if fed.kind not in FEDERATION_KINDS:
         raise ValueError(
             f"federation.kind={fed.kind!r} is not allowed: expected one of "
@@ -75,33 +121,17 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
                 f"federation.client_num_cpus={fed.client_num_cpus}, client_num_gpus="
                 f"{fed.client_num_gpus} are not allowed: expected cpus > 0 and gpus >= 0"
             )
-    else:
-        host, _, port = (fed.address or "").rpartition(":")
-        if not host or not port.isdigit():
+        return
+    host, _, port = (fed.address or "").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"federation.address={fed.address!r} is not allowed: expected HOST:PORT")
+    if not fed.insecure:
+        cert = Path(fed.root_certificates or "").expanduser()
+        if not fed.root_certificates or not cert.is_file():
             raise ValueError(
-                f"federation.address={fed.address!r} is not allowed: expected HOST:PORT"
+                f"federation.root_certificates={fed.root_certificates!r} is not a file: "
+                "expected the CA certificate of the SuperLink (or federation.insecure=true)"
             )
-        if not fed.insecure:
-            cert = Path(fed.root_certificates or "").expanduser()
-            if not fed.root_certificates or not cert.is_file():
-                raise ValueError(
-                    f"federation.root_certificates={fed.root_certificates!r} is not a file: "
-                    "expected the CA certificate of the SuperLink (or federation.insecure=true)"
-                )
-    return run_config
-
-
-def _unknown_key(node: DictConfig, schema: type, prefix: str = "") -> str | None:
-    """The first key that ``+key=value`` added outside the schema, if any."""
-    hints = typing.get_type_hints(schema)
-    for key, value in node.items():
-        if key not in hints:
-            return f"{prefix}{key}"
-        if dataclasses.is_dataclass(hints[key]):
-            found = _unknown_key(value, hints[key], f"{prefix}{key}.")
-            if found is not None:
-                return found
-    return None
 
 
 def _one_line(err: BaseException) -> str:
