@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
 COMPRESSIONS = ("none", "float16", "int8")
 ROWS = [

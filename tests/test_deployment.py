@@ -257,6 +257,7 @@ def federation(tmp_path_factory):
     assert pids and not [pid for pid in pids if running(pid)], "processes left running"
 
 
+@pytest.mark.e2e
 def test_two_rounds_over_tls_with_two_authenticated_supernodes(federation, tmp_path):
     state = json.loads(federation.state_file.read_text())
     assert state["connection"] == "fl-app" and state["address"] == federation.address
@@ -318,6 +319,7 @@ def faulty_run(federation, tmp_path_factory):
         federation.stop_node(bad)
 
 
+@pytest.mark.e2e
 def test_an_unregistered_supernode_is_refused_and_the_others_still_train(faulty_run):
     assert "[code: 2004] Failed to activate SuperNode" in faulty_run.intruder_log
     assert faulty_run.intruder_exit not in (None, 0)
@@ -334,6 +336,7 @@ def test_an_unregistered_supernode_is_refused_and_the_others_still_train(faulty_
     assert (run.run_dir / "final.keras").is_file()
 
 
+@pytest.mark.e2e
 def test_a_supernode_without_data_does_not_stop_the_run(faulty_run):
     run = faulty_run.run
     assert run.status == "finished:completed", run.details + run.log[-3000:]
@@ -345,6 +348,7 @@ def test_a_supernode_without_data_does_not_stop_the_run(faulty_run):
     assert len(rejected) >= 2, run.log[-3000:]  # its train reply, every round
 
 
+@pytest.mark.e2e
 def test_local_federation_script_up_and_down_by_pid(tmp_path):
     """The CLI: `up` leaves a SuperLink and a SuperNode running, `down` stops them all."""
     data = tmp_path / "data" / "node-0"

@@ -140,6 +140,7 @@ def _rounds(run) -> list[dict]:
     return json.loads((run.run_dir / "metrics.json").read_text())["rounds"]
 
 
+@pytest.mark.e2e
 def test_trainable_only_exchange_gives_the_global_model_of_full_exchange(superlink, tmp_path):
     start = tmp_path / "start.weights.h5"
     keras.utils.set_random_seed(0)
@@ -161,6 +162,7 @@ def test_trainable_only_exchange_gives_the_global_model_of_full_exchange(superli
     assert rounds["trainable"][1]["bytes_received"] < 0.012 * rounds["full"][1]["bytes_received"]
 
 
+@pytest.mark.e2e
 def test_late_joiners_get_their_base_and_int8_rounds_complete(superlink, tmp_path):
     # 4 nodes, 2 sampled per round for training and 2 for evaluation: nodes first
     # contacted in later rounds need the full model once; nobody needs it twice.

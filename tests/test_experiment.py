@@ -65,6 +65,7 @@ def launch(tmp_path: Path, *args: str, timeout: float = 900) -> subprocess.Compl
     )
 
 
+@pytest.mark.e2e
 def test_single_simulation_run_writes_into_the_hydra_folder(tmp_path):
     out = tmp_path / "job"
     done = launch(tmp_path, *TINY, f"hydra.run.dir={out}")
@@ -95,6 +96,7 @@ def test_single_simulation_run_writes_into_the_hydra_folder(tmp_path):
     assert left_behind(tmp_path / "tmp") == set()
 
 
+@pytest.mark.e2e
 def test_multirun_runs_every_job_and_summarises_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     done = launch(
@@ -121,6 +123,7 @@ def test_multirun_runs_every_job_and_summarises_the_sweep(tmp_path):
     assert left_behind(tmp_path / "tmp") == set()
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_the_run_and_everything_the_launcher_started(tmp_path):
     out = tmp_path / "job"
     proc = subprocess.Popen(

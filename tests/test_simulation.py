@@ -13,6 +13,8 @@ from conftest import TINY, log_lines
 from fl_app.data import NUM_CLASSES, load_test_set
 from fl_app.model.classifier import FINE_TUNE, HEAD, build_model
 
+pytestmark = pytest.mark.e2e
+
 
 def test_two_rounds_on_two_supernodes_write_metrics_and_a_loadable_model(superlink, tmp_path):
     run = superlink.run(tmp_path, TINY)

@@ -13,6 +13,7 @@ from conftest import TINY, log_lines
 from fl_app.data import load_test_set
 from fl_app.model.classifier import EFFICIENTNET_LITE0, FINE_TUNE, HEAD, backbone_of
 
+pytestmark = pytest.mark.e2e
 LITE0 = {**TINY, "backbone": EFFICIENTNET_LITE0}
 
 
