@@ -1,0 +1,73 @@
+# fl_app on a fresh machine: `make run` trains, `make test` runs the test suite.
+# Both first make .venv (python3 -m venv), install the project into it when
+# pyproject.toml changed, and make sure Fashion-MNIST is on disk.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+# Extra arguments: `make run RUN_ARGS='--run-config "num-server-rounds=5"'`,
+# `make test PYTEST_ARGS='tests/test_model.py -x'`.
+RUN_ARGS ?=
+PYTEST_ARGS ?=
+
+# Commands run as if the venv were activated: `flwr run` starts `flower-superlink`
+# from PATH, and that process must run the Python fl_app is installed in.
+IN_VENV := PATH="$(BIN):$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV)"
+# This project's Flower connections (.flwr/config.toml) and no per-run `uv sync` of the
+# app's dependencies: the SuperLink runs the app in .venv.
+FLOWER_ENV := FLWR_HOME="$(CURDIR)/.flwr" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+
+FMNIST_FILE := train-images-idx3-ubyte.gz
+FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
+
+.PHONY: help run test test-fast lint stop install data
+
+help:
+	@echo "make run        train: a local Flower simulation with the default run config"
+	@echo "make test       the full test suite (python -m pytest -q), ~13 min on 2 cores"
+	@echo "make test-fast  the tests not marked e2e, < 2 min"
+	@echo "make lint       ruff check and ruff format --check"
+	@echo "make stop       stop the local SuperLink that 'make run' left running"
+
+run: install data
+	$(IN_VENV) $(FLOWER_ENV) $(BIN)/flwr run . --stream $(RUN_ARGS)
+
+test: install data
+	$(IN_VENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install data
+	$(IN_VENV) $(BIN)/python -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+stop:
+	$(IN_VENV) $(BIN)/fl-app local stop-superlink
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	touch $@
+
+# Fashion-MNIST: the Debian package's copy or Keras' cache; else install the package
+# (root) or say what to run.
+data:
+	@if [ -f "$(FMNIST_SYSTEM)/$(FMNIST_FILE)" ] \
+	   || [ -f "$$HOME/.keras/datasets/fashion-mnist/$(FMNIST_FILE)" ]; then \
+	  exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Fashion-MNIST: apt-get install -y dataset-fashion-mnist"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get install -y dataset-fashion-mnist'" \
+	       "(Debian/Ubuntu), or '$(VENV)/bin/python -c \"import keras;" \
+	       "keras.datasets.fashion_mnist.load_data()\"' to download it, then make again." >&2; \
+	  exit 1; \
+	fi
