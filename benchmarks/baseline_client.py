@@ -17,29 +17,27 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 # The same node data and per-round seeds as our client.
-from fl_app.client_app import node_data, seed_round
+from fl_app.client_app import node_data, run_config, seed_round
+from fl_app.config import RunConfig
 from fl_app.data import NUM_CLASSES
 from fl_app.model.classifier import (
-    HEAD,
     build_model,
     compile_model,
     load_arrayrecord,
     set_phase,
     to_arrayrecord,
 )
+from fl_app.schedule import HEAD
 
 app = ClientApp()
 
 
 def _fresh_model(
-    arrays: ArrayRecord, image_shape: tuple[int, ...], context: Context, phase: str, layers: int
+    arrays: ArrayRecord, image_shape: tuple[int, ...], config: RunConfig, phase: str
 ) -> keras.Model:
     """A newly built model holding the received weights, frozen for ``phase``."""
-    cfg = context.run_config
-    model = build_model(
-        NUM_CLASSES, image_shape, int(cfg["input-size"]), None, str(cfg["backbone"])
-    )
-    set_phase(model, phase, layers)
+    model = build_model(NUM_CLASSES, image_shape, config.input_size, None, config.backbone)
+    set_phase(model, phase, config.fine_tune_layers)
     load_arrayrecord(model, arrays)
     return model
 
@@ -48,24 +46,17 @@ def _fresh_model(
 def train(msg: Message, context: Context) -> Message:
     """Build a model, load all weights, fit, reply with all weights."""
     received = time.perf_counter()
-    data = node_data(context).train
-    config = msg.content["config"]
+    config = run_config(context)
+    data = node_data(context, config).train
+    round_config = msg.content["config"]
     model = _fresh_model(
-        msg.content["arrays"],
-        data.x.shape[1:],
-        context,
-        str(config["phase"]),
-        int(config["fine-tune-layers"]),
+        msg.content["arrays"], data.x.shape[1:], config, str(round_config["phase"])
     )
-    compile_model(model, float(config["learning-rate"]))
-    seed_round(context, int(config["server-round"]))
+    compile_model(model, float(round_config["learning-rate"]))
+    seed_round(config, context, int(round_config["server-round"]))
     start = time.perf_counter()
     history = model.fit(
-        data.x,
-        data.y,
-        epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
-        verbose=0,
+        data.x, data.y, epochs=config.local_epochs, batch_size=config.batch_size, verbose=0
     )
     train_time = time.perf_counter() - start
     reply = to_arrayrecord(model)
@@ -84,12 +75,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Build a model, load all weights, evaluate on the local validation split."""
-    data = node_data(context).val
-    model = _fresh_model(msg.content["arrays"], data.x.shape[1:], context, HEAD, 0)
+    config = run_config(context)
+    data = node_data(context, config).val
+    model = _fresh_model(msg.content["arrays"], data.x.shape[1:], config, HEAD)
     compile_model(model, 0.0)
-    loss, accuracy = model.evaluate(
-        data.x, data.y, batch_size=int(context.run_config["batch-size"]), verbose=0
-    )
+    loss, accuracy = model.evaluate(data.x, data.y, batch_size=config.batch_size, verbose=0)
     metrics = MetricRecord(
         {"num-examples": len(data.y), "eval_loss": float(loss), "eval_accuracy": float(accuracy)}
     )

@@ -21,8 +21,24 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from fl_app.wire.compression import compression_mod
+from fl_app.config import RunConfig
 from fl_app.data import NUM_CLASSES, NodeData, Split, load_data_dir, load_node_data, split_node_data
+from fl_app.model.backbones import BACKBONES
+from fl_app.model.classifier import (
+    build_head,
+    build_model,
+    compile_model,
+    feature_extractor,
+    is_head_variable,
+    load_arrayrecord,
+    reset_optimizer,
+    set_phase,
+    split_at,
+    with_augmentation,
+)
+from fl_app.model.features import FeatureCache, feature_key, frozen_digest
+from fl_app.schedule import HEAD
+from fl_app.wire.compression import compression_mod
 from fl_app.wire.exchange import (
     BASE,
     BASE_DISK_BYTES,
@@ -32,91 +48,93 @@ from fl_app.wire.exchange import (
     assemble,
     base_hash,
 )
-from fl_app.model.features import FeatureCache, feature_key, frozen_digest
-from fl_app.model.classifier import (
-    BACKBONE_FEATURES,
-    CONV5_LAYERS,
-    HEAD,
-    RESNET50,
-    build_head,
-    build_model,
-    compile_model,
-    feature_extractor,
-    is_conv5_variable,
-    is_head_variable,
-    load_arrayrecord,
-    reset_optimizer,
-    set_phase,
-    split_at_conv4,
-    with_augmentation,
-)
 
 app = ClientApp(mods=[compression_mod])
-# Where the frozen part of the model ends: the cache's two boundaries.
-POOLED, CONV4 = "pooled", "conv4"
+# Where the frozen part of the model ends in the head phase; in the fine-tune phase
+# it may end at a backbone's cut (`fl_app.model.backbones.Cut`), named by its layer.
+POOLED = "pooled"
 # Where a node keeps features and its base model across its ClientApp processes.
 DEFAULT_CACHE_DIR = Path("~/.cache/fl_app")
+# What the models depend on: raw image shape, input size, backbone.
+Shape = tuple[tuple[int, ...], int, str]
+
+
+def run_config(context: Context) -> RunConfig:
+    """The run config, typed (the weights file is the server's, not checked here)."""
+    return RunConfig.parse(context.run_config, check_files=False)
 
 
 @functools.cache
-def _model(image_shape: tuple[int, ...], input_size: int, backbone: str) -> keras.Model:
+def _model(shape: Shape) -> keras.Model:
     # Architecture only: the server sends the weights, so nodes never download any.
+    image_shape, input_size, backbone = shape
     return build_model(NUM_CLASSES, image_shape, input_size, None, backbone)
 
 
 @functools.cache
-def _split(image_shape: tuple[int, ...], input_size: int) -> tuple[keras.Model, keras.Model]:
-    return split_at_conv4(_model(image_shape, input_size, RESNET50))
+def _split(shape: Shape) -> tuple[keras.Model, keras.Model]:
+    cut = BACKBONES[shape[2]].cut
+    assert cut is not None  # only backbones with a cut offer its boundary
+    return split_at(_model(shape), cut)
 
 
-def _front(
-    boundary: str, image_shape: tuple[int, ...], input_size: int, backbone: str
-) -> keras.Model:
+def _front(boundary: str, shape: Shape) -> keras.Model:
     """The frozen part up to ``boundary``: images in, activations out."""
-    if boundary == CONV4:
-        return _split(image_shape, input_size)[0]
-    return _extractor(image_shape, input_size, backbone)
+    return _extractor(shape) if boundary == POOLED else _split(shape)[0]
 
 
-def _back(
-    boundary: str, image_shape: tuple[int, ...], input_size: int, backbone: str
-) -> keras.Model:
+def _back(boundary: str, shape: Shape) -> keras.Model:
     """What trains after ``boundary``; the head alone needs no backbone built."""
-    if boundary == CONV4:
-        return _split(image_shape, input_size)[1]
-    return _head(backbone)
+    return _head(shape[2]) if boundary == POOLED else _split(shape)[1]
 
 
 @functools.cache
-def _augmented(
-    image_shape: tuple[int, ...], input_size: int, backbone: str, augmentation: str
-) -> keras.Model:
-    return with_augmentation(_model(image_shape, input_size, backbone), augmentation)
+def _augmented(shape: Shape, augmentation: str) -> keras.Model:
+    return with_augmentation(_model(shape), augmentation)
 
 
 @functools.cache
-def _extractor(image_shape: tuple[int, ...], input_size: int, backbone: str) -> keras.Model:
-    return feature_extractor(_model(image_shape, input_size, backbone))
+def _extractor(shape: Shape) -> keras.Model:
+    return feature_extractor(_model(shape))
 
 
 @functools.cache
 def _head(backbone: str) -> keras.Model:
-    head = build_head(NUM_CLASSES, BACKBONE_FEATURES[backbone])
+    head = build_head(NUM_CLASSES, BACKBONES[backbone].features)
     compile_model(head, 1e-3)  # always fully trainable: compiled once
     return head
 
 
 def _boundaries(backbone: str) -> tuple[str, ...]:
-    """Where the frozen part may end: conv4's output is a ResNet50 boundary only."""
-    return (POOLED, CONV4) if backbone == RESNET50 else (POOLED,)
+    """Where the frozen part may end: the pooled features, or the backbone's cut."""
+    cut = BACKBONES[backbone].cut
+    return (POOLED,) if cut is None else (POOLED, cut.layer)
 
 
-def _frozen_keys(arrays: ArrayRecord, boundary: str) -> list[str]:
+def _boundary(config: RunConfig, phase: str) -> str | None:
+    """Where the frozen part ends this round, if training can start from its output.
+
+    The head phase trains on pooled features; the fine-tune phase only when exactly
+    the layers after the backbone's cut train (other cuts leave residual branches
+    across the boundary).
+    """
+    if phase == HEAD:
+        return POOLED
+    cut = BACKBONES[config.backbone].cut
+    if cut is not None and config.fine_tune_layers == cut.fine_tune_layers:
+        return cut.layer
+    return None
+
+
+def _frozen_keys(arrays: ArrayRecord, boundary: str, backbone: str) -> list[str]:
     """The arrays of the layers before ``boundary``: what its activations depend on."""
+    cut = BACKBONES[backbone].cut
+    trained_prefix = cut.prefix if cut is not None and boundary == cut.layer else None
     return [
         key
         for key in arrays
-        if not is_head_variable(key) and (boundary == POOLED or not is_conv5_variable(key))
+        if not is_head_variable(key)
+        and (trained_prefix is None or not key.startswith(trained_prefix))
     ]
 
 
@@ -129,13 +147,12 @@ def _cache_dir(context: Context) -> Path:
     return Path(str(context.node_config.get("cache-dir", DEFAULT_CACHE_DIR))).expanduser()
 
 
-def _feature_cache(context: Context) -> FeatureCache | None:
-    cfg = context.run_config
-    if not cfg["feature-cache"]:
+def _feature_cache(config: RunConfig, context: Context) -> FeatureCache | None:
+    if not config.feature_cache:
         return None
     # In simulation the Ray actor serves every round: memory is enough.
     folder = _cache_dir(context) / "features" if "data-dir" in context.node_config else None
-    return _cache_store(int(cfg["feature-cache-mb"]) * 2**20, str(folder) if folder else None)
+    return _cache_store(config.feature_cache_mb * 2**20, str(folder) if folder else None)
 
 
 @functools.cache
@@ -164,40 +181,39 @@ def _received_model(msg: Message, context: Context) -> ArrayRecord:
     return assemble(base, arrays)
 
 
-def node_data(context: Context) -> NodeData:
+def node_data(context: Context, config: RunConfig) -> NodeData:
     """The training and validation data of this node (simulation partition or ``data-dir``)."""
-    cfg, node = context.run_config, context.node_config
+    node = context.node_config
     if "data-dir" in node:
         # A deployed SuperNode's own data, named in its --node-config.
         return split_node_data(
             load_data_dir(str(node["data-dir"])),
-            seed=int(cfg["seed"]),
+            seed=config.seed,
             stream=0,
-            max_examples=int(cfg["max-examples-per-node"]),
-            val_fraction=float(cfg["val-fraction"]),
+            max_examples=config.max_examples_per_node,
+            val_fraction=config.val_fraction,
         )
     return load_node_data(
-        dataset=str(cfg["dataset"]),
+        dataset=config.dataset,
         partition_id=int(node["partition-id"]),
         num_partitions=int(node["num-partitions"]),
-        partitioner=str(cfg["partitioner"]),
-        alpha=float(cfg["dirichlet-alpha"]),
-        seed=int(cfg["seed"]),
-        max_examples=int(cfg["max-examples-per-node"]),
-        val_fraction=float(cfg["val-fraction"]),
+        partitioner=config.partitioner,
+        alpha=config.dirichlet_alpha,
+        seed=config.seed,
+        max_examples=config.max_examples_per_node,
+        val_fraction=config.val_fraction,
     )
 
 
-def _global_model(arrays: ArrayRecord, context: Context, image_shape: tuple[int, ...]):
-    cfg = context.run_config
-    model = _model(image_shape, int(cfg["input-size"]), str(cfg["backbone"]))
+def _global_model(arrays: ArrayRecord, shape: Shape) -> keras.Model:
+    model = _model(shape)
     load_arrayrecord(model, arrays)
     return model
 
 
-def _frozen_id(msg: Message, arrays: ArrayRecord, boundary: str) -> str:
+def _frozen_id(msg: Message, arrays: ArrayRecord, boundary: str, backbone: str) -> str:
     """Names the weights before ``boundary``: by the base's hash when all came from it."""
-    keys = _frozen_keys(arrays, boundary)
+    keys = _frozen_keys(arrays, boundary, backbone)
     config = msg.content["config"]
     if BASE_HASH in config and not any(key in msg.content["arrays"] for key in keys):
         return f"base {config[BASE_HASH]}"  # no need to hash 90 MB again
@@ -208,7 +224,7 @@ def _activations(
     msg: Message,
     arrays: ArrayRecord,
     split: Split,
-    context: Context,
+    config: RunConfig,
     cache: FeatureCache,
     boundary: str,
     compute: bool,
@@ -217,15 +233,14 @@ def _activations(
 
     On a miss they are computed (when ``compute``) with the full model and stored.
     """
-    input_size = int(context.run_config["input-size"])
-    key = feature_key(_frozen_id(msg, arrays, boundary), split.x, input_size, boundary)
+    frozen = _frozen_id(msg, arrays, boundary, config.backbone)
+    key = feature_key(frozen, split.x, config.input_size, boundary)
     activations = cache.get(key)
     if activations is None and compute:
-        image_shape = split.x.shape[1:]
-        _global_model(arrays, context, image_shape)
-        backbone = str(context.run_config["backbone"])
-        activations = _front(boundary, image_shape, input_size, backbone).predict(
-            split.x, batch_size=int(context.run_config["batch-size"]), verbose=0
+        shape = (split.x.shape[1:], config.input_size, config.backbone)
+        _global_model(arrays, shape)
+        activations = _front(boundary, shape).predict(
+            split.x, batch_size=config.batch_size, verbose=0
         )
         cache.put(key, activations)
     return activations
@@ -237,10 +252,10 @@ def _load(model: keras.Model, arrays: ArrayRecord) -> keras.Model:
     return model
 
 
-def seed_round(context: Context, server_round: int) -> None:
+def seed_round(config: RunConfig, context: Context, server_round: int) -> None:
     """Seed Keras for one node's round, so that local training repeats."""
     keras.utils.set_random_seed(
-        int(context.run_config["seed"]) * 100_003
+        config.seed * 100_003
         + server_round * 1_009
         + int(context.node_config.get("partition-id", 0))
     )
@@ -250,52 +265,40 @@ def seed_round(context: Context, server_round: int) -> None:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local training split."""
     received = time.perf_counter()
-    data = node_data(context)
+    config = run_config(context)
+    data = node_data(context, config)
     arrays = _received_model(msg, context)
-    config = msg.content["config"]
-    learning_rate = float(config["learning-rate"])
-    phase, fine_tune_layers = str(config["phase"]), int(config["fine-tune-layers"])
-    image_shape, input_size = data.train.x.shape[1:], int(context.run_config["input-size"])
-    backbone = str(context.run_config["backbone"])
-    cache = _feature_cache(context)
-    augmentation = str(context.run_config["augmentation"])
-    if cache is not None and augmentation != "none":
+    # The server decides the phase and learning rate per round; the rest is run config.
+    phase = str(msg.content["config"]["phase"])
+    learning_rate = float(msg.content["config"]["learning-rate"])
+    shape = (data.train.x.shape[1:], config.input_size, config.backbone)
+    cache = _feature_cache(config, context)
+    if cache is not None and config.augmentation != "none":
         # Augmented images give new activations every epoch: nothing to reuse.
-        log(INFO, "augmentation=%s: the activation cache is bypassed", augmentation)
+        log(INFO, "augmentation=%s: the activation cache is bypassed", config.augmentation)
         cache = None
-    # The frozen part ends at the pooled features (head phase) or, when exactly ResNet50's
-    # conv5 block trains, at conv4's output; other cuts leave residual branches across them.
-    boundary = POOLED if phase == HEAD else CONV4 if fine_tune_layers == CONV5_LAYERS else None
-    if boundary not in _boundaries(backbone):
-        boundary = None
-    on_activations = cache is not None and boundary is not None
-    if on_activations:
-        inputs = _activations(msg, arrays, data.train, context, cache, boundary, compute=True)
+    boundary = _boundary(config, phase) if cache is not None else None
+    if boundary is not None:
+        inputs = _activations(msg, arrays, data.train, config, cache, boundary, compute=True)
         # Validation activations too, so this round's evaluation finds them.
         has_val = len(data.val.y) > 0
-        _activations(msg, arrays, data.val, context, cache, boundary, compute=has_val)
-        model = _load(_back(boundary, image_shape, input_size, backbone), arrays)
+        _activations(msg, arrays, data.val, config, cache, boundary, compute=has_val)
+        model = _load(_back(boundary, shape), arrays)
     else:
-        inputs, model = data.train.x, _global_model(arrays, context, image_shape)
-        if augmentation != "none":
-            model = _augmented(image_shape, input_size, backbone, augmentation)
-    # conv5 + head and the full model share ResNet50's layers; the lone head does not.
-    shares_backbone = not (on_activations and boundary == POOLED)
-    changed = shares_backbone and set_phase(
-        _model(image_shape, input_size, backbone), phase, fine_tune_layers
-    )
+        inputs, model = data.train.x, _global_model(arrays, shape)
+        if config.augmentation != "none":
+            model = _augmented(shape, config.augmentation)
+    # The backbone's layers are shared by every model but the lone head.
+    shares_backbone = boundary != POOLED
+    changed = shares_backbone and set_phase(_model(shape), phase, config.fine_tune_layers)
     # set_phase changed which layers train: the model that trains needs compiling.
     if changed or not model.compiled:
         compile_model(model, learning_rate)
     reset_optimizer(model, learning_rate)
-    seed_round(context, int(config["server-round"]))
+    seed_round(config, context, int(msg.content["config"]["server-round"]))
     start = time.perf_counter()
     history = model.fit(
-        inputs,
-        data.train.y,
-        epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
-        verbose=0,
+        inputs, data.train.y, epochs=config.local_epochs, batch_size=config.batch_size, verbose=0
     )
     train_time = time.perf_counter() - start
     # Reply with the keys that came; only those the model trained can have changed.
@@ -322,26 +325,23 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split."""
-    data = node_data(context).val
+    config = run_config(context)
+    data = node_data(context, config).val
     arrays = _received_model(msg, context)
-    cache = _feature_cache(context)
-    image_shape, input_size = data.x.shape[1:], int(context.run_config["input-size"])
-    backbone = str(context.run_config["backbone"])
+    cache = _feature_cache(config, context)
+    shape = (data.x.shape[1:], config.input_size, config.backbone)
     model, inputs = None, data.x
     # Training put this round's validation activations in the cache, if it could.
-    for boundary in _boundaries(backbone) if cache is not None else ():
-        activations = _activations(msg, arrays, data, context, cache, boundary, compute=False)
+    for boundary in _boundaries(config.backbone) if cache is not None else ():
+        activations = _activations(msg, arrays, data, config, cache, boundary, compute=False)
         if activations is not None:
-            back = _back(boundary, image_shape, input_size, backbone)
-            model, inputs = _load(back, arrays), activations
+            model, inputs = _load(_back(boundary, shape), arrays), activations
             break
     if model is None:
-        model = _global_model(arrays, context, image_shape)
+        model = _global_model(arrays, shape)
     if not model.compiled:
         compile_model(model, 0.0)
-    loss, accuracy = model.evaluate(
-        inputs, data.y, batch_size=int(context.run_config["batch-size"]), verbose=0
-    )
+    loss, accuracy = model.evaluate(inputs, data.y, batch_size=config.batch_size, verbose=0)
     metrics = MetricRecord(
         {"num-examples": len(data.y), "eval_loss": float(loss), "eval_accuracy": float(accuracy)}
     )

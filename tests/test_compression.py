@@ -14,6 +14,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from fl_app.config import RunConfig, defaults
 from fl_app.wire.compression import RECORD, UPLOAD_ERROR, compression_mod, decode, encode
 
 # Per element, relative to the array's largest magnitude: float16 keeps 11 significant
@@ -103,8 +104,11 @@ def test_a_malformed_record_is_refused_with_the_reason(change, message):
 
 
 def test_an_unknown_method_is_one_clear_error():
-    with pytest.raises(ValueError, match="compression='int4' is not one of none, float16, int8"):
-        encode(_record(np.random.default_rng(3)), "int4")
+    with pytest.raises(ValueError) as error:
+        RunConfig.parse({**defaults(), "compression": "int4"})
+    assert str(error.value) == (
+        "compression='int4' is not allowed: expected one of none, float16, int8"
+    )
 
 
 def test_the_client_mod_decodes_what_came_and_encodes_the_reply_as_a_difference():

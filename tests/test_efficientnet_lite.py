@@ -6,24 +6,17 @@ import io
 import pickle
 import sys
 import warnings
+from dataclasses import replace
 
 import keras
 import numpy as np
 import pytest
 import skimage.data
 
+from fl_app.config import RunConfig
 from fl_app.model import efficientnet_lite
-from fl_app.model.efficientnet_lite import (
-    EfficientNetLite0,
-    checkpoint_path,
-    imagenet_weights_file,
-    read_torch_state_dict,
-)
+from fl_app.model.backbones import EFFICIENTNET_LITE0
 from fl_app.model.classifier import (
-    BACKBONE_LAYER_COUNTS,
-    EFFICIENTNET_LITE0,
-    FINE_TUNE,
-    HEAD,
     ImagePreprocessing,
     backbone_of,
     build_model,
@@ -34,9 +27,18 @@ from fl_app.model.classifier import (
     to_arrayrecord,
     trainable_parameter_count,
 )
+from fl_app.model.efficientnet_lite import (
+    EfficientNetLite0,
+    checkpoint_path,
+    imagenet_weights_file,
+    read_torch_state_dict,
+)
+from fl_app.schedule import FINE_TUNE, HEAD
 from fl_app.server_app import initial_model
 
 NUM_CLASSES = 10
+LITE0 = EFFICIENTNET_LITE0.name
+LITE0_CONFIG = RunConfig(backbone=LITE0, strict_weights=True)
 HEAD_PARAMS = 1280 * 128 + 128 + 128 * NUM_CLASSES + NUM_CLASSES
 # ImageNet classes: tabby, tiger cat, Persian, Siamese, Egyptian cat; espresso, cup, mug.
 CATS = {281, 282, 283, 284, 285}
@@ -50,13 +52,13 @@ def state() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def model() -> keras.Model:
-    return build_model(NUM_CLASSES, (28, 28, 1), 32, None, EFFICIENTNET_LITE0)
+    return build_model(NUM_CLASSES, (28, 28, 1), 32, None, LITE0)
 
 
 def _imagenet_classifier(weights: str | None) -> keras.Model:
     """uint8 photo -> the model's own preprocessing -> Lite0 with its 1000-class top."""
     inputs = keras.Input((None, None, 3), dtype="uint8")
-    x = ImagePreprocessing(224, EFFICIENTNET_LITE0)(inputs)
+    x = ImagePreprocessing(224, LITE0)(inputs)
     return keras.Model(inputs, EfficientNetLite0(include_top=True, weights=weights)(x))
 
 
@@ -112,7 +114,7 @@ def test_architecture_and_parameter_counts(state):
     assert notop.count_params() == 3_413_024
     assert sum(np.prod(v.shape) for v in top.trainable_weights) == 4_652_008
     assert notop.output.shape == (None, 7, 7, 1280)
-    assert len(notop.layers) == BACKBONE_LAYER_COUNTS[EFFICIENTNET_LITE0]
+    assert len(notop.layers) == EFFICIENTNET_LITE0.layers
     # Lite: ReLU6 everywhere, no squeeze-excite, 16 MBConv blocks.
     activations = [layer for layer in notop.layers if isinstance(layer, keras.layers.ReLU)]
     assert activations and all(float(layer.max_value) == 6.0 for layer in activations)
@@ -128,7 +130,7 @@ def test_backbone_in_the_classifier(model):
     assert names == [
         "image",
         "preprocessing",
-        EFFICIENTNET_LITE0,
+        LITE0,
         "avg_pool",
         "head_dense",
         "predictions",
@@ -178,7 +180,7 @@ def test_phases_train_the_head_then_the_last_layers_with_batchnorm_frozen(model)
 def test_preprocessing_normalises_as_lite0_expects_and_old_configs_stay_resnet50():
     rng = np.random.default_rng(1)
     grey = rng.integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
-    out = keras.ops.convert_to_numpy(ImagePreprocessing(40, EFFICIENTNET_LITE0)(grey))
+    out = keras.ops.convert_to_numpy(ImagePreprocessing(40, LITE0)(grey))
     rgb = np.repeat(grey.astype(np.float32), 3, axis=-1)
     resized = keras.ops.convert_to_numpy(keras.ops.image.resize(rgb, (40, 40)))
     np.testing.assert_allclose(out, (resized - 127.0) / 128.0, atol=1e-5)
@@ -190,7 +192,7 @@ def test_preprocessing_normalises_as_lite0_expects_and_old_configs_stay_resnet50
 
 
 def test_imagenet_weights_through_build_model_and_a_saved_lite0_model(tmp_path):
-    pretrained = build_model(NUM_CLASSES, (28, 28, 1), 32, "imagenet", EFFICIENTNET_LITE0)
+    pretrained = build_model(NUM_CLASSES, (28, 28, 1), 32, "imagenet", LITE0)
     converted = efficientnet_lite.convert_checkpoint(checkpoint_path(), include_top=False)
     for a, b in zip(backbone_of(pretrained).get_weights(), converted.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -206,7 +208,7 @@ def test_imagenet_weights_through_build_model_and_a_saved_lite0_model(tmp_path):
         loaded.predict(x, verbose=0), pretrained.predict(x, verbose=0), atol=1e-6
     )
     # Nodes build the bare architecture and take every weight from the server.
-    node = build_model(NUM_CLASSES, (28, 28, 1), 32, None, EFFICIENTNET_LITE0)
+    node = build_model(NUM_CLASSES, (28, 28, 1), 32, None, LITE0)
     load_arrayrecord(node, to_arrayrecord(pretrained))
     np.testing.assert_allclose(
         node.predict(x, verbose=0), pretrained.predict(x, verbose=0), atol=1e-6
@@ -214,11 +216,11 @@ def test_imagenet_weights_through_build_model_and_a_saved_lite0_model(tmp_path):
 
 
 def test_the_server_starts_lite0_from_imagenet_even_when_strict(state):
-    model, init = initial_model((28, 28, 1), 32, "imagenet", True, EFFICIENTNET_LITE0)
+    model, init = initial_model(LITE0_CONFIG, (28, 28, 1))
     assert init == "imagenet"
     stem = backbone_of(model).get_layer("stem_conv").kernel.numpy()
     np.testing.assert_array_equal(stem, state["_conv_stem.weight"].transpose(2, 3, 1, 0))
-    _, init = initial_model((28, 28, 1), 32, "none", True, EFFICIENTNET_LITE0)
+    _, init = initial_model(replace(LITE0_CONFIG, weights="none"), (28, 28, 1))
     assert init == "random"
 
 

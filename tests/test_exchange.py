@@ -19,9 +19,17 @@ from flwr.app import (
 )
 
 from fl_app.data import NUM_CLASSES
-from fl_app.wire.exchange import BASE, BASE_HASH, BaseStore, assemble, base_hash, differing_keys
-from fl_app.model.classifier import FINE_TUNE, HEAD, build_model, trainable_keys
-from fl_app.strategy import TransferFedAvg, TransferSchedule
+from fl_app.model.classifier import build_model, trainable_keys
+from fl_app.schedule import FINE_TUNE, HEAD
+from fl_app.wire.exchange import (
+    BASE,
+    BASE_HASH,
+    BaseStore,
+    ServerExchange,
+    assemble,
+    base_hash,
+    differing_keys,
+)
 
 KEYS = {HEAD: ["head/kernel", "head/bias"], FINE_TUNE: ["conv5/kernel", "head/kernel", "head/bias"]}
 SHAPES = {
@@ -65,11 +73,10 @@ def _bases(messages: list[Message]) -> dict[int, bool]:
 
 
 def test_each_node_gets_its_base_once_and_again_only_when_needed(tmp_path):
-    strategy = TransferFedAvg(
-        TransferSchedule(1, 1e-3, 1e-4, 1), tmp_path, lambda a, p: None, trainable_keys=KEYS
-    )
+    wire = ServerExchange("trainable", "none", KEYS)
+    wire.start_round()
     first = _global(0)
-    messages, sent = strategy._address(_sampled(1, 2), first, HEAD)
+    messages, sent = wire.address(_sampled(1, 2), first, HEAD), wire.sent
     assert _bases(messages) == {1: True, 2: True}
     assert list(sent.keys()) == KEYS[HEAD]
     name = messages[0].content["config"][BASE_HASH]
@@ -78,32 +85,32 @@ def test_each_node_gets_its_base_once_and_again_only_when_needed(tmp_path):
 
     # Node 1 confirms; node 2's reply is an error (e.g. it lost its stored base).
     for reply in (_ok(1), _failed(2)):
-        strategy._confirm_base(reply)
+        wire.confirm(reply)
     # The head trained: only trainable arrays changed, node 1 needs no new base.
     trained = ArrayRecord(dict(first.items()))
     trained["head/bias"] = Array(np.ones(4, np.float32))
-    messages, _ = strategy._address(_sampled(1, 2, 3), trained, HEAD)
+    messages = wire.address(_sampled(1, 2, 3), trained, HEAD)
     assert _bases(messages) == {1: False, 2: True, 3: True}  # node 3 joins late
     assert {m.content["config"][BASE_HASH] for m in messages} == {name}
 
     for reply in (_ok(2), _ok(3)):
-        strategy._confirm_base(reply)
+        wire.confirm(reply)
     # An array outside the trainable set changed: everyone needs the new model once.
     moved = ArrayRecord(dict(trained.items()))
     moved["conv1/kernel"] = Array(np.zeros(SHAPES["conv1/kernel"], np.float32))
-    messages, _ = strategy._address(_sampled(1, 2), moved, HEAD)
+    messages = wire.address(_sampled(1, 2), moved, HEAD)
     assert _bases(messages) == {1: True, 2: True}
     assert messages[0].content["config"][BASE_HASH] == base_hash(moved) != name
     # ...but in the fine-tune phase conv5 travels anyway, so a changed conv5 needs no base.
     for reply in (_ok(1), _ok(2)):
-        strategy._confirm_base(reply)
+        wire.confirm(reply)
     tuned = ArrayRecord(dict(moved.items()))
     tuned["conv5/kernel"] = Array(np.ones(SHAPES["conv5/kernel"], np.float32))
-    messages, sent = strategy._address(_sampled(1, 2), tuned, FINE_TUNE)
+    messages, sent = wire.address(_sampled(1, 2), tuned, FINE_TUNE), wire.sent
     assert _bases(messages) == {1: False, 2: False}
     np.testing.assert_array_equal(sent["conv5/kernel"].numpy(), 1)
     # The server keeps the bases nodes hold: node 3 still has the first one.
-    assert set(strategy._bases) == {name, base_hash(moved)}
+    assert set(wire.bases) == {name, base_hash(moved)}
 
 
 def test_a_node_rebuilds_the_global_model_from_its_base_and_what_came(tmp_path):

@@ -7,11 +7,8 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from fl_app.model.features import FeatureCache, feature_key, frozen_digest
+from fl_app.model.backbones import RESNET50
 from fl_app.model.classifier import (
-    CONV5_LAYERS,
-    FINE_TUNE,
-    HEAD,
     build_head,
     build_model,
     compile_model,
@@ -19,9 +16,11 @@ from fl_app.model.classifier import (
     is_head_variable,
     reset_optimizer,
     set_phase,
-    split_at_conv4,
+    split_at,
     to_arrayrecord,
 )
+from fl_app.model.features import FeatureCache, feature_key, frozen_digest
+from fl_app.schedule import FINE_TUNE, HEAD
 
 NUM_CLASSES = 10
 
@@ -38,7 +37,7 @@ def test_training_on_cached_features_equals_training_the_full_model():
     y = rng.integers(0, NUM_CLASSES, 64)
     keras.utils.set_random_seed(1)
     full = build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
-    set_phase(full, HEAD, CONV5_LAYERS)
+    set_phase(full, HEAD, RESNET50.cut.fine_tune_layers)
     compile_model(full, 1e-3)
     head = build_head(NUM_CLASSES)
     compile_model(head, 1e-3)
@@ -66,9 +65,9 @@ def test_training_conv5_on_cached_conv4_activations_equals_fine_tuning_the_full_
     y = rng.integers(0, NUM_CLASSES, 48)
     keras.utils.set_random_seed(3)
     full = build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
-    set_phase(full, FINE_TUNE, CONV5_LAYERS)
+    set_phase(full, FINE_TUNE, RESNET50.cut.fine_tune_layers)
     start = full.get_weights()
-    front, back = split_at_conv4(full)
+    front, back = split_at(full, RESNET50.cut)
     activations = front.predict(x, verbose=0)
     compile_model(full, 1e-3)
     _train(full, x, y)

@@ -9,12 +9,8 @@ import numpy as np
 import pytest
 from keras.applications import resnet50
 
+from fl_app.model.backbones import RESNET50
 from fl_app.model.classifier import (
-    BACKBONE,
-    BACKBONE_LAYERS,
-    CONV5_LAYERS,
-    FINE_TUNE,
-    HEAD,
     ImagePreprocessing,
     build_model,
     compile_model,
@@ -25,6 +21,9 @@ from fl_app.model.classifier import (
     trainable_parameter_count,
     with_augmentation,
 )
+from fl_app.schedule import FINE_TUNE, HEAD
+
+CONV5 = RESNET50.cut.fine_tune_layers
 
 NUM_CLASSES = 10
 HEAD_PARAMS = 2048 * 128 + 128 + 128 * NUM_CLASSES + NUM_CLASSES
@@ -41,10 +40,17 @@ def _numpy(variable) -> np.ndarray:
 
 def test_architecture_is_resnet50_then_pool_dense128_softmax(model):
     names = [layer.name for layer in model.layers]
-    assert names == ["image", "preprocessing", BACKBONE, "avg_pool", "head_dense", "predictions"]
-    base = model.get_layer(BACKBONE)
-    assert len(base.layers) == BACKBONE_LAYERS
-    assert base.layers[-CONV5_LAYERS].name == "conv5_block1_1_conv"
+    assert names == [
+        "image",
+        "preprocessing",
+        RESNET50.name,
+        "avg_pool",
+        "head_dense",
+        "predictions",
+    ]
+    base = model.get_layer(RESNET50.name)
+    assert len(base.layers) == RESNET50.layers
+    assert base.layers[-CONV5].name == "conv5_block1_1_conv"
     assert base.count_params() == 23_587_712  # ResNet50 without top
     assert model.get_layer("head_dense").units == 128
     assert model.get_layer("head_dense").activation is keras.activations.relu
@@ -54,36 +60,36 @@ def test_architecture_is_resnet50_then_pool_dense128_softmax(model):
 
 
 def test_trainable_parameters_per_phase(model):
-    base = model.get_layer(BACKBONE)
+    base = model.get_layer(RESNET50.name)
     conv5_convs = [
-        layer for layer in base.layers[-CONV5_LAYERS:] if isinstance(layer, keras.layers.Conv2D)
+        layer for layer in base.layers[-CONV5:] if isinstance(layer, keras.layers.Conv2D)
     ]
     conv5_conv_params = sum(layer.count_params() for layer in conv5_convs)
     assert len(conv5_convs) == 10  # 3 blocks x 3 convs + 1 projection shortcut
 
-    set_phase(model, HEAD, CONV5_LAYERS)
+    set_phase(model, HEAD, CONV5)
     assert trainable_parameter_count(model) == HEAD_PARAMS
-    assert set_phase(model, FINE_TUNE, CONV5_LAYERS) is True
+    assert set_phase(model, FINE_TUNE, CONV5) is True
     assert trainable_parameter_count(model) == HEAD_PARAMS + conv5_conv_params
     assert not any(
         layer.trainable
         for layer in base.layers
         if isinstance(layer, keras.layers.BatchNormalization)
     )
-    assert set_phase(model, FINE_TUNE, CONV5_LAYERS) is False  # no change, no recompile
-    assert set_phase(model, HEAD, CONV5_LAYERS) is True
+    assert set_phase(model, FINE_TUNE, CONV5) is False  # no change, no recompile
+    assert set_phase(model, HEAD, CONV5) is True
     assert trainable_parameter_count(model) == HEAD_PARAMS
     with pytest.raises(ValueError, match="phase='warmup' is not one of head, fine-tune"):
-        set_phase(model, "warmup", CONV5_LAYERS)
+        set_phase(model, "warmup", CONV5)
     with pytest.raises(ValueError, match="fine-tune-layers=500 is out of range"):
         set_phase(model, FINE_TUNE, 500)
 
 
 def test_fine_tune_trains_conv5_only_and_keeps_batchnorm_statistics():
     model = build_model(NUM_CLASSES, (28, 28, 1), input_size=32)
-    set_phase(model, FINE_TUNE, CONV5_LAYERS)
+    set_phase(model, FINE_TUNE, CONV5)
     compile_model(model, 1e-3)
-    base = model.get_layer(BACKBONE)
+    base = model.get_layer(RESNET50.name)
     watched = {
         "conv5": base.get_layer("conv5_block3_3_conv").kernel,
         "conv4": base.get_layer("conv4_block6_3_conv").kernel,

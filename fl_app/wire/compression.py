@@ -21,7 +21,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-METHODS = ("none", "float16", "int8")
+from fl_app.config import COMPRESSIONS
+
 # The ConfigRecord that travels with compressed arrays and says how to decode them.
 RECORD = "compression"
 # The MetricRecord entry with a node's upload error (relative RMS).
@@ -38,8 +39,6 @@ def encode(
     relative RMS error of the values encoded (0 when ``method`` is ``none``).
     Arrays that are not floating point travel unchanged.
     """
-    if method not in METHODS:
-        raise ValueError(f"compression={method!r} is not one of {', '.join(METHODS)}")
     encoded, scales = ArrayRecord(), []
     error2 = norm2 = 0.0
     for key, array in arrays.items():
@@ -77,8 +76,8 @@ def decode(
     Raises ``ValueError`` naming the problem when the record is malformed.
     """
     method = config.get("method")
-    if method not in METHODS:
-        raise ValueError(f"compression method {method!r} is not one of {', '.join(METHODS)}")
+    if method not in COMPRESSIONS:
+        raise ValueError(f"compression method {method!r} is not one of {', '.join(COMPRESSIONS)}")
     if bool(config.get("delta")) != (reference is not None):
         raise ValueError("compression 'delta' flag does not match this message")
     scales = list(config.get("scales", []))

@@ -14,17 +14,19 @@ from the node's base, so the node's model is always the server's.
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fl_app.model.features import FeatureCache, digest_arrays
+from fl_app.cache import Codec, Store, digest_arrays
+from fl_app.wire.compression import RECORD, UPLOAD_ERROR, decode, encode
 
 # RecordDict key of the full model a node stores, and the config key naming it.
 BASE = "base"
 BASE_HASH = "base-hash"
-EXCHANGES = ("trainable", "full")
 # Bases a node keeps on disk and in memory; a ResNet50 is 95 MB. Disk holds several,
 # so runs side by side on one machine do not evict each other's.
 BASE_DISK_BYTES = 2**30
@@ -56,18 +58,138 @@ def assemble(base: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({key: arrays.get(key, array) for key, array in base.items()})
 
 
-class BaseStore(FeatureCache):
-    """Base models by hash, in memory and optionally in a folder (``.npz`` files)."""
+def _read_record(path: Path) -> ArrayRecord:
+    with np.load(path) as stored:
+        return ArrayRecord({key: Array(stored[key]) for key in stored.files})
 
-    SUFFIX = ".npz"
 
-    def _read(self, path: Path) -> ArrayRecord:
-        with np.load(path) as stored:
-            return ArrayRecord({key: Array(stored[key]) for key in stored.files})
+def _write_record(path: Path, value: ArrayRecord) -> None:
+    with path.open("wb") as file:
+        np.savez(file, **{key: array.numpy() for key, array in value.items()})
 
-    def _write(self, path: Path, value: ArrayRecord) -> None:
-        with path.open("wb") as file:
-            np.savez(file, **{key: array.numpy() for key, array in value.items()})
 
-    def _size(self, value: ArrayRecord) -> int:
-        return value.count_bytes()
+class BaseStore(Store):
+    """Base models (ArrayRecords) by hash, as ``.npz`` files."""
+
+    codec = Codec(".npz", _read_record, _write_record, ArrayRecord.count_bytes)
+
+
+class ServerExchange:
+    """The server's side of the wire: what each sampled node gets, and decoding replies.
+
+    Parameters
+    ----------
+    exchange : str
+        ``trainable``: after its base, a node gets and returns only the round's
+        trainable arrays; ``full``: every array travels every time.
+    compression : str
+        ``none``, ``float16`` or ``int8``, for the arrays of every round.
+    trainable_keys : Mapping[str, Sequence[str]]
+        Per phase, the keys of the arrays that training changes, in model order.
+
+    Attributes
+    ----------
+    sent : ArrayRecord
+        This round's arrays as the nodes decode them: what replies are checked against.
+    stats : dict
+        This round's ``bytes_sent``, ``bytes_received``, ``bases_sent`` and, with
+        compression, ``download_error`` and ``upload_error``.
+    """
+
+    def __init__(
+        self, exchange: str, compression: str, trainable_keys: Mapping[str, Sequence[str]]
+    ) -> None:
+        self.exchange = exchange
+        self.compression = compression
+        self.trainable_keys = trainable_keys
+        self.sent = ArrayRecord()
+        self.stats: dict[str, float] = {}
+        self._upload_errors: list[float] = []
+        # Base models by hash, the one each node holds, and those sent but not yet confirmed.
+        self.bases: dict[str, ArrayRecord] = {}
+        self._holders: dict[int, str] = {}
+        self._pending: dict[int, str] = {}
+
+    def start_round(self) -> None:
+        """Zero the round's counters."""
+        self.stats = {"bytes_sent": 0, "bytes_received": 0, "bases_sent": 0}
+        self._upload_errors = []
+
+    def address(self, sampled: Iterable[Message], arrays: ArrayRecord, phase: str) -> list[Message]:
+        """Give each sampled node this round's arrays, and its base if it needs one."""
+        full = self.exchange == "full"
+        keys = list(arrays.keys()) if full else list(self.trainable_keys[phase])
+        payload = ArrayRecord({key: arrays[key] for key in keys})
+        compression, self.sent = None, payload
+        if self.compression != "none":
+            payload, compression, self.stats["download_error"] = encode(payload, self.compression)
+            self.sent = decode(payload, compression)
+        messages = []
+        for msg in sampled:
+            node = msg.metadata.dst_node_id
+            config = ConfigRecord(dict(msg.content["config"]))
+            content = RecordDict({"arrays": payload, "config": config})
+            if compression is not None:
+                content[RECORD] = compression
+            if not full:
+                name, new = self._base_for(node, arrays, keys)
+                config[BASE_HASH] = name
+                if new:
+                    content[BASE] = self.bases[name]
+                    self._pending[node] = name
+                    self.stats["bases_sent"] += 1
+            self.stats["bytes_sent"] += sum(r.count_bytes() for r in content.array_records.values())
+            msg.content = content
+            messages.append(msg)
+        return messages
+
+    def _base_for(self, node: int, arrays: ArrayRecord, keys: Sequence[str]) -> tuple[str, bool]:
+        """The base ``node`` builds the model on, and whether it must be sent.
+
+        Any base that differs from the global model only in arrays that travel
+        anyway will do; the one the node holds is free, another costs a send.
+        """
+        held = self._holders.get(node)
+        for name in sorted(self.bases, key=lambda name: name != held):
+            if set(differing_keys(arrays, self.bases[name])) <= set(keys):
+                return name, name != held
+        name = base_hash(arrays)
+        self.bases[name] = arrays
+        # Keep only bases some node holds or awaits: unchanged arrays are shared objects,
+        # so each costs little more than its trainable arrays.
+        kept = {name, *self._holders.values(), *self._pending.values()}
+        self.bases = {key: base for key, base in self.bases.items() if key in kept}
+        return name, True
+
+    def confirm(self, msg: Message) -> None:
+        """Count a reply's bytes, and note whether its node now holds the base it was sent."""
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            # The node may have lost its stored base: send it again next time.
+            self._holders.pop(node, None)
+            self._pending.pop(node, None)
+            return
+        if node in self._pending:
+            self._holders[node] = self._pending.pop(node)
+        self.stats["bytes_received"] = self.stats.get("bytes_received", 0) + sum(
+            r.count_bytes() for r in msg.content.array_records.values()
+        )
+
+    def received(self, msg: Message) -> ArrayRecord | str:
+        """A train reply's arrays, decompressed, or why they cannot be."""
+        arrays = msg.content["arrays"]
+        if self.compression == "none":
+            return arrays
+        compression = msg.content.config_records.get(RECORD)
+        if compression is None:
+            return f"missing the '{RECORD}' record ({self.compression} was sent)"
+        try:
+            arrays = decode(arrays, compression, reference=self.sent)
+        except Exception as err:  # corrupt bytes can fail in many ways
+            return f"compressed arrays cannot be decoded ({err})"
+        metrics = next(iter(msg.content.metric_records.values()))
+        error = metrics.get(UPLOAD_ERROR)
+        if isinstance(error, float | int) and math.isfinite(error):
+            self._upload_errors.append(float(error))
+            self.stats["upload_error"] = float(np.mean(self._upload_errors))
+        return arrays
