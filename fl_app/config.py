@@ -95,21 +95,25 @@ class RunConfig:
     """The parsed run config: every key, typed and checked."""
 
     # Rounds and sampling (FedAvg).
-    num_server_rounds: int = key(3, "Rounds of federated training.", at_least(1))
+    num_server_rounds: int = key(3, "Federated rounds.", at_least(1))
     fraction_train: float = key(
         1.0,
-        "Fraction of available nodes sampled to train each round.",
+        "Share of available nodes sampled to train each round.",
         Rule(lambda v: 0 < v <= 1, "a number in (0, 1]"),
         "strategy",
     )
     fraction_evaluate: float = key(
         1.0,
-        "Fraction of available nodes sampled to evaluate each round (0: none).",
+        "Share of available nodes sampled to evaluate each round (0 = none).",
         Rule(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         "strategy",
     )
     min_train_nodes: int = key(
-        2, "Fewest valid train replies that update the model.", at_least(1), "strategy"
+        2,
+        "Fewest valid train replies that update the model; with fewer, the round keeps the "
+        "previous model.",
+        at_least(1),
+        "strategy",
     )
     min_evaluate_nodes: int = key(
         2, "Fewest nodes sampled for evaluation.", at_least(0), "strategy"
@@ -118,14 +122,14 @@ class RunConfig:
     # What travels.
     exchange: str = key(
         "trainable",
-        "trainable: a node gets the full model once, then only the arrays that train; "
-        "full: every array, every round.",
+        "`trainable`: a node gets the full model once, then only the arrays that train, both ways;"
+        " `full`: every array every round.",
         one_of(EXCHANGES),
         "strategy",
     )
     compression: str = key(
         "none",
-        "Arrays both ways: none, float16 or int8 (per-array scale; uploads as differences).",
+        "`none`, `float16` or `int8` for the arrays of every round, both directions.",
         one_of(COMPRESSIONS),
         "strategy",
     )
@@ -133,41 +137,48 @@ class RunConfig:
     local_epochs: int = key(1, "Epochs each node trains per round.", at_least(1))
     batch_size: int = key(32, "Batch size of local training and evaluation.", at_least(1))
     # Transfer schedule.
-    learning_rate: float = key(0.001, "Learning rate of the head rounds.", above(0))
+    learning_rate: float = key(0.001, "Adam learning rate of the head rounds.", above(0))
     head_rounds: int = key(
-        2, "Rounds 1..head-rounds train the head on a frozen backbone.", at_least(0)
+        2, "Rounds 1..head-rounds train the head with the backbone frozen.", at_least(0)
     )
     fine_tune_layers: int = key(
         32,
-        "Later rounds also train the backbone's last this many layers (32 = ResNet50's "
-        "conv5; 0: never).",
+        "Backbone layers unfrozen afterwards (32 = ResNet50's conv5 block, 0 = never).",
         at_least(0),
         "model",
     )
-    fine_tune_learning_rate: float = key(0.0001, "Learning rate of the fine-tune rounds.", above(0))
+    fine_tune_learning_rate: float = key(0.0001, "Learning rate after `head-rounds`.", above(0))
     # Model.
-    backbone: str = key("resnet50", "The backbone.", one_of(BACKBONES), "model")
+    backbone: str = key(
+        "resnet50",
+        "`resnet50` or `efficientnet_lite0` ([EfficientNet-Lite0](docs/efficientnet_lite0.md)).",
+        one_of(BACKBONES),
+        "model",
+    )
     input_size: int = key(
         32,
-        "Side of the square image the backbone sees.",
+        "Side of the square image the backbone sees (≥ 32; ImageNet models like 224, at ~30x the "
+        "cost).",
         at_least(MIN_INPUT_SIZE),
         "model",
     )
     weights: str = key(
         "imagenet",
-        "Start weights: imagenet, none (random) or a .keras/.weights.h5/.h5 file.",
+        "`imagenet`, `none`, or a file: a no-top backbone `.h5`, or a `.keras`/`.weights.h5` of "
+        "the whole model (e.g. a previous `final.keras`).",
         Rule(_weights_ok, "imagenet, none, or an existing .keras/.weights.h5/.h5 weights file"),
         "model",
     )
     strict_weights: bool = key(
         False,
-        "Fail instead of starting from random weights when imagenet is missing.",
+        "Make unavailable ImageNet weights an error instead of a warning and random "
+        "initialisation.",
         group="model",
     )
     augmentation: str = key(
         "none",
-        "Random training-time changes: none, shift (up to 10%) or flip-shift (also a "
-        "mirror; not for digits). Bypasses the feature cache.",
+        "Training-time `shift` (up to 10% each way) or `flip-shift` (also a left-right mirror; "
+        "wrong for digits); bypasses the feature cache.",
         one_of(AUGMENTATIONS),
         "model",
     )
@@ -184,38 +195,49 @@ class RunConfig:
     )
     # Data.
     dataset: str = key(
-        "fashion_mnist", "Dataset of a simulation.", one_of(DATASETS), "dataset", "name"
+        "fashion_mnist",
+        "`fashion_mnist`, `mnist`, `cifar10` (a simulation's data; deployed nodes"
+        " bring their own).",
+        one_of(DATASETS),
+        "dataset",
+        "name",
     )
     partitioner: str = key(
         "iid",
-        "How a simulation splits the data: iid or dirichlet.",
+        "`iid` (stride split `x[i::n]`) or `dirichlet` (flwr-datasets' `DirichletPartitioner` on "
+        "the labels).",
         one_of(PARTITIONERS),
         "partitioner",
         "name",
     )
     dirichlet_alpha: float = key(
-        0.5, "Dirichlet concentration: smaller, more skew.", above(0), "partitioner"
+        0.5,
+        "Concentration of the Dirichlet label mix (smaller = more skewed).",
+        above(0),
+        "partitioner",
     )
-    seed: int = key(42, "Seed of partitions, start weights and local training.", at_least(0))
+    seed: int = key(
+        42, "Partitions, node subsets, weight initialisation, local shuffling.", at_least(0)
+    )
     max_examples_per_node: int = key(
-        600, "Cap on each node's examples (0: no cap).", at_least(0), "dataset"
+        600, "Cap on each node's partition, for quick runs (0 = all).", at_least(0), "dataset"
     )
     val_fraction: float = key(
         0.1,
-        "Fraction of a node's examples held out for its evaluation.",
+        "Share of each node's data kept for federated evaluation.",
         Rule(lambda v: 0 <= v < 1, "a number in [0, 1)"),
         "dataset",
     )
     max_test_examples: int = key(
         2000,
-        "Server's test examples (0: the whole test set).",
+        "Server test set size (0 = all 10,000).",
         at_least(0),
         "dataset",
     )
     results_dir: str = key(
         "outputs/{time}-run{run_id}",
-        "The run folder; {time} and {run_id} are filled in; relative to the SuperLink's "
-        "working directory.",
+        "The run folder; `{time}` and `{run_id}` are filled in; a relative path starts from where "
+        "the SuperLink was started.",
         Rule(_template_ok, "a folder path, optionally with {time} and {run_id} placeholders"),
         LAUNCHER,
     )
@@ -302,6 +324,16 @@ def hydra_path(spec: dataclasses.Field) -> str | None:
 def defaults() -> dict[str, Any]:
     """Every key's default, by Flower name (what pyproject.toml declares)."""
     return {flower_key(spec): spec.default for spec in fields()}
+
+
+def markdown_table() -> str:
+    """The README's configuration table: every key, its default and its help."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for spec in fields():
+        default = spec.default
+        shown = f"`{default}`" if isinstance(default, str) else str(default).lower()
+        lines.append(f"| `{flower_key(spec)}` | {shown} | {spec.metadata['help']} |")
+    return "\n".join(lines)
 
 
 def _allowed(spec: dataclasses.Field) -> str:

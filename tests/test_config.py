@@ -10,7 +10,7 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
-from fl_app.config import RunConfig, defaults, fields, flower_key, hydra_path
+from fl_app.config import RunConfig, defaults, fields, flower_key, hydra_path, markdown_table
 from fl_app.launch.experiment import CONF_DIR, check_config, precheck
 
 PYPROJECT = CONF_DIR.parent / "pyproject.toml"
@@ -192,3 +192,10 @@ def test_printing_the_config_runs_nothing_and_exits_0(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "name: dirichlet" in done.stdout and "num_server_rounds: 3" in done.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+def test_the_readme_configuration_table_is_the_schema():
+    readme = (CONF_DIR.parent / "README.md").read_text()
+    assert markdown_table() in readme, (
+        "regenerate it: python -c 'import fl_app.config as c; print(c.markdown_table())'"
+    )
