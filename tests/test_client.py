@@ -19,13 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from fl_app import client_app
 from fl_app.data import NUM_CLASSES, PARTITION_FILE, load_node_data
-from fl_app.model.classifier import (
-    FINE_TUNE,
-    HEAD,
-    build_model,
-    is_head_variable,
-    to_arrayrecord,
-)
+from fl_app.model.classifier import build_model, is_head_variable, to_arrayrecord
+from fl_app.schedule import FINE_TUNE, HEAD
 from fl_app.wire.exchange import BASE, BASE_HASH, base_hash
 
 with (REPO / "pyproject.toml").open("rb") as file:
@@ -36,6 +31,7 @@ RUN_CONFIG = {
     "max-examples-per-node": 64,
     "batch-size": 32,
     "weights": "none",
+    "fine-tune-layers": 32,  # ResNet50's conv5 block: fine-tuning trains on conv4's output
 }
 IMAGE_SHAPE = (28, 28, 1)
 # A deployed node's partition.npz: 80 images, capped to 64, so 58 train and 6 validate.
@@ -45,15 +41,12 @@ NODE_EXAMPLES, TRAIN_SIZE, VAL_SIZE = 80, 58, 6
 def round_config(server_round: int = 1, phase: str = HEAD, learning_rate: float = 1e-3):
     """What the server decides per round: the train message's ConfigRecord.
 
-    The client is moving to reading batch-size, local-epochs and fine-tune-layers from
-    ``context.run_config``; until that lands it may still read them from the message,
-    so they travel here too. Drop the second dict once the client no longer reads them.
+    Nothing else travels: batch size, local epochs and fine-tune layers are the
+    node's ``context.run_config``.
     """
-    per_round = {"server-round": server_round, "phase": phase, "learning-rate": learning_rate}
-    from_run_config = {
-        key: RUN_CONFIG[key] for key in ("batch-size", "local-epochs", "fine-tune-layers")
-    }
-    return ConfigRecord({**per_round, **from_run_config})
+    return ConfigRecord(
+        {"server-round": server_round, "phase": phase, "learning-rate": learning_rate}
+    )
 
 
 def message(
