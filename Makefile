@@ -29,6 +29,7 @@ help:
 	@echo "make test-fast  the tests not marked e2e, < 2 min"
 	@echo "make lint       ruff check and ruff format --check"
 	@echo "make stop       stop the local SuperLink that 'make run' left running"
+	@echo "make install    only the setup: .venv with pip install -e \".[dev]\""
 
 run: install data
 	$(IN_VENV) $(FLOWER_ENV) $(BIN)/flwr run . --stream $(RUN_ARGS)
@@ -49,6 +50,8 @@ stop:
 install: $(STAMP)
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "fl_app needs Python >= 3.11: make $(MAKECMDGOALS) PYTHON=python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
 
 $(STAMP): pyproject.toml | $(BIN)/python

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 5's numbers in one run: our ClientApp against a quickstart-style one.
+"""Our ClientApp against a quickstart-style one, every number from one invocation.
 
 Every run is a real `flwr run` simulation on its own local SuperLink, on the same
 Fashion-MNIST partitions, start weights and rounds (all rounds train the head on
@@ -18,8 +18,8 @@ the frozen backbone). Ratios compare runs of this one invocation:
 
 It prints a markdown table (value, baseline, ratio, target met) and writes JSON.
 
-Usage: python scripts/bench.py [--rounds 3 --examples 600 --input-size 32 --clients 100]
-       python scripts/bench.py --smallest     # CI size, ~3 min on 2 cores
+Usage: fl-app bench client [--rounds 3 --examples 600 --input-size 32 --clients 100]
+       fl-app bench client --smallest     # CI size, ~3 min on 2 cores
 """
 
 from __future__ import annotations
@@ -35,24 +35,27 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import psutil
 
 # Runnable from a checkout without installing fl_app.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fl_app.config import RunConfig
 from fl_app.data import Split
-from fl_app.launch.local_superlink import LocalSuperLink, descendants
+from fl_app.launch.local_superlink import LocalSuperLink
+from fl_app.launch.processes import descendants
+from fl_app.model.backbones import BACKBONES
 
 if TYPE_CHECKING:
     import keras  # imported when needed: --help should not wait for TensorFlow
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
-PAGE = os.sysconf("SC_PAGE_SIZE")
 COMPRESSIONS = ("none", "float16", "int8")
 QUICKSTART = "quickstart"
 MEMORY = "memory"
@@ -71,13 +74,13 @@ SMALLEST = {
 
 
 class TreeRSS:
-    """Peak of the summed RSS of a process and all its descendants, sampled from /proc.
+    """Peak of the summed RSS of a process and all its descendants, sampled with psutil.
 
-    ``peak_by_name`` splits the peak by process name (``/proc/<pid>/comm``).
+    ``peak_by_name`` splits the peak by process name.
     """
 
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
-        self.pid = pid
+    def __init__(self, proc: psutil.Process, interval: float = 0.5) -> None:
+        self.proc = proc
         self.interval = interval
         self.peak = 0
         self.peak_by_name: dict[str, int] = {}
@@ -103,21 +106,14 @@ class TreeRSS:
     def sample(self) -> dict[str, int]:
         """Bytes resident now by process name (shared pages count in each process)."""
         by_name: dict[str, int] = {}
-        for pid in (self.pid, *descendants(self.pid)):
-            proc = Path(f"/proc/{pid}")
+        for proc in (self.proc, *descendants(self.proc)):
             try:
-                rss = int((proc / "statm").read_text().split()[1]) * PAGE
-                name = (proc / "comm").read_text().strip()
-            except (OSError, IndexError, ValueError):
+                rss = proc.memory_info().rss
+                name = proc.name()
+            except psutil.Error:
                 continue  # the process ended while we looked
             by_name[name] = by_name.get(name, 0) + rss
         return by_name
-
-
-def app_config(app_dir: Path) -> dict[str, Any]:
-    """The app's run-config defaults, ``[tool.flwr.app.config]`` of its pyproject.toml."""
-    pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
-    return pyproject["tool"]["flwr"]["app"]["config"]
 
 
 def baseline_app(root: Path) -> Path:
@@ -141,7 +137,7 @@ def run_app(
     """One run on a fresh local SuperLink: its rounds, wall time and peak tree RSS."""
     out.mkdir(parents=True)
     log_file = out / "flower.log"
-    with LocalSuperLink(out / "flwr_home") as link, TreeRSS(link.proc.pid) as rss:
+    with LocalSuperLink(out / "flwr_home") as link, TreeRSS(link.proc) as rss:
         started = time.monotonic()
         run_id = link.cli.submit(
             app_dir,
@@ -196,7 +192,12 @@ def bare_fit(
     import keras
 
     from fl_app.data import NUM_CLASSES
-    from fl_app.model.classifier import build_head, compile_model, feature_extractor, reset_optimizer
+    from fl_app.model.classifier import (
+        build_head,
+        compile_model,
+        feature_extractor,
+        reset_optimizer,
+    )
 
     features = feature_extractor(model).predict(data.x, batch_size=batch_size, verbose=0)
     head = build_head(NUM_CLASSES, features.shape[-1])
@@ -337,11 +338,12 @@ def machine() -> dict[str, Any]:
     import flwr
     import keras
 
-    meminfo = Path("/proc/meminfo").read_text().split()
+    # macOS has no CPU affinity: every CPU is usable there.
+    affinity = getattr(psutil.Process(), "cpu_affinity", lambda: None)()
     return {
         "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "memory_gib": int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024 / GIB,
+        "usable_cpus": len(affinity) if affinity else os.cpu_count(),
+        "memory_gib": psutil.virtual_memory().total / GIB,
         "load_average": os.getloadavg(),
         "machine": platform.machine(),
         "python": platform.python_version(),
@@ -410,8 +412,6 @@ def parse_args() -> argparse.Namespace:
             setattr(args, key, value)
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: round times and uploads are taken after round 1")
-    from fl_app.model.classifier import BACKBONES
-
     if args.backbone not in BACKBONES:
         parser.error(f"--backbone {args.backbone!r} is not one of {', '.join(BACKBONES)}")
     if args.weights not in ("none", "imagenet"):
@@ -428,17 +428,23 @@ def main() -> int:
     from fl_app.data import load_node_data
     from fl_app.server_app import initial_model
 
-    defaults = app_config(REPO)
+    config = replace(
+        RunConfig(),
+        input_size=args.input_size,
+        weights=args.weights,
+        strict_weights=True,
+        backbone=args.backbone,
+    )
     nodes = [
         load_node_data(
-            dataset=defaults["dataset"],
+            dataset=config.dataset,
             partition_id=i,
             num_partitions=args.nodes,
-            partitioner=defaults["partitioner"],
-            alpha=defaults["dirichlet-alpha"],
-            seed=defaults["seed"],
+            partitioner=config.partitioner,
+            alpha=config.dirichlet_alpha,
+            seed=config.seed,
             max_examples=args.examples,
-            val_fraction=defaults["val-fraction"],
+            val_fraction=config.val_fraction,
         )
         for i in range(args.nodes)
     ]
@@ -448,17 +454,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fl_app-bench-") as tmp:
         root = Path(tmp)
         # One start for every run: a random init drawn in each ServerApp may differ.
-        keras.utils.set_random_seed(defaults["seed"])
-        model, _ = initial_model(
-            nodes[0].train.x.shape[1:], args.input_size, args.weights, True, args.backbone
-        )
+        keras.utils.set_random_seed(config.seed)
+        model, _ = initial_model(config, nodes[0].train.x.shape[1:])
         start_weights = root / "start.weights.h5"
         model.save_weights(start_weights)
         apps = {False: REPO, True: baseline_app(root)}
         done: dict[str, str] = {}  # what a run was, as JSON: the name it ran under
         for name, (is_baseline, overrides, clients) in variants(args, sampled).items():
             run_config = {**overrides, "weights": str(start_weights)}
-            same = json.dumps([is_baseline, {**defaults, **run_config}, clients], sort_keys=True)
+            same = json.dumps(
+                [is_baseline, {**config.to_flower(), **run_config}, clients], sort_keys=True
+            )
             if same in done:
                 runs[name] = runs[done[same]]
                 print(f"{name}: the same run as {done[same]}", file=sys.stderr)
@@ -476,14 +482,14 @@ def main() -> int:
                 bare = bare_fit(
                     model,
                     nodes[0].train,
-                    defaults["local-epochs"],
-                    defaults["batch-size"],
-                    defaults["learning-rate"],
+                    config.local_epochs,
+                    config.batch_size,
+                    config.learning_rate,
                     args.repeats,
                 )
                 print(f"bare model.fit: {bare:.0f} img/s", file=sys.stderr)
 
-    train_examples = statistics.mean(len(n.train.y) for n in nodes) * defaults["local-epochs"]
+    train_examples = statistics.mean(len(n.train.y) for n in nodes) * config.local_epochs
     memory_label = f"{args.clients} clients ({sampled} per round) vs {args.nodes} nodes"
     rows = table_rows(runs, bare, train_examples, memory_label)
     print(

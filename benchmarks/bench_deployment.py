@@ -12,7 +12,7 @@ reads each round's time from metrics.json:
 
 It prints a markdown table with ratios against the baseline and writes JSON.
 
-Usage: python scripts/bench_deployment.py [--rounds 4 --head-rounds 2 --examples 600]
+Usage: fl-app bench deployment [--rounds 4 --head-rounds 2 --examples 600]
 """
 
 import argparse
@@ -28,8 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_app.data import prepare_node_dirs
-from fl_app.deployment import LocalFederation
-from fl_app.launch.local_superlink import FlowerCLI, LocalSuperLink
+from fl_app.deploy.local_federation import LocalFederation
+from fl_app.launch.flower_cli import FlowerCLI
+from fl_app.launch.local_superlink import LocalSuperLink
 
 REPO = Path(__file__).resolve().parents[1]
 

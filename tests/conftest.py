@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from flwr.app import MessageType, Metadata
 
-from fl_app.launch.local_superlink import FlowerCLI, LocalSuperLink
+from fl_app.launch.flower_cli import FlowerCLI
+from fl_app.launch.local_superlink import LocalSuperLink
 
 REPO = Path(__file__).resolve().parents[1]
 # A run small enough for tests: one head round, one fine-tune round, 32 px, few examples.

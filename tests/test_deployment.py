@@ -1,24 +1,26 @@
 """Real deployment on loopback: certificates, node keys, a TLS + authenticated federation.
 
 The end-to-end tests start a real `flower-superlink` (TLS, SuperNode auth) and real
-`flower-supernode` processes on free loopback ports, and stop every one of them by
-PID in fixtures, also when a test fails. Two runs in all: a clean one (2 nodes) and
-one with a node whose data folder is empty and an unregistered node (tests 3 and 4).
+`flower-supernode` processes on free loopback ports, and stop every one of them in
+fixtures, also when a test fails. Two runs in all: a clean one (2 nodes) and one
+with a node whose data folder is empty and an unregistered node (tests 3 and 4).
+The commands are `fl-app deploy ...` and `fl-app local ...`, run from this checkout.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
+import shutil
 import stat
 import subprocess
 import sys
 import threading
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
+import psutil
 import pytest
 from conftest import FinishedRun, log_lines
 from cryptography import x509
@@ -26,30 +28,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
-import fl_app.model.classifier  # noqa: F401 - registers the preprocessing layer for load_model
 from fl_app.data import fashion_mnist_dirs, prepare_node_dirs
-from fl_app.deployment import (
-    Certificates,
-    DeploymentError,
-    LocalFederation,
-    NodeProcess,
-    certificate_hosts,
-    list_nodes,
-    make_certificates,
-    make_node_keys,
-    start_superlink,
-    start_supernode,
-)
+from fl_app.deploy import DeploymentError
+from fl_app.deploy.commands import start_superlink, start_supernode
+from fl_app.deploy.local_federation import LocalFederation, NodeProcess
+from fl_app.deploy.pki import Certificates, certificate_hosts, make_certificates, make_node_keys
+from fl_app.launch import processes
+from fl_app.launch.processes import ProcessRecord
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "scripts"
-SCRIPT_NAMES = [
-    "make_certificates.py",
-    "make_node_keys.py",
-    "register_nodes.py",
-    "start_superlink.py",
-    "start_supernode.py",
-    "local_federation.py",
+COMMANDS = [
+    ("deploy", "certificates"),
+    ("deploy", "node-keys"),
+    ("deploy", "register"),
+    ("deploy", "superlink"),
+    ("deploy", "supernode"),
+    ("local", "up"),
+    ("local", "down"),
+    ("local", "stop-superlink"),
+    ("data", "prepare"),
+    ("sweep", "summarize"),
 ]
 RUN_CONFIG = {
     "num-server-rounds": 2,
@@ -65,39 +63,38 @@ RUN_CONFIG = {
 RUN_TIMEOUT = 900
 
 
-def script(name: str, *args: object) -> subprocess.CompletedProcess:
+def fl_app(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`fl-app ARGS` of this checkout (the console script runs `fl_app.cli:main`)."""
     return subprocess.run(
-        [sys.executable, str(SCRIPTS / name), *map(str, args)],
+        [sys.executable, "-m", "fl_app.cli", *map(str, args)],
+        cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
 
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:
-    """A script refused bad input: exit code 2 and exactly one `error:` line."""
+    """A command refused bad input: exit code 2 and exactly one `error:` line."""
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     return lines[0]
 
 
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+def running(record: ProcessRecord | None) -> bool:
+    return record is not None and record.process() is not None
 
 
-def recorded_pids(state_file: Path) -> list[int]:
+def recorded(state_file: Path) -> list[ProcessRecord]:
+    """Every process the state file names: SuperLink, SuperNodes, what ran below them."""
     state = json.loads(state_file.read_text())
     records = [state["superlink"], *state["supernodes"], *state["descendants"]]
-    return [r["pid"] for r in records if r and r.get("pid")]
+    return [r for r in map(ProcessRecord.from_json, records) if r is not None]
 
 
-# --- 1. certificates, keys, input checks, scripts
+# --- 1. certificates, keys, input checks, commands
 
 
 def test_certificates_are_signed_by_the_ca_and_name_the_hosts(tmp_path):
@@ -138,7 +135,7 @@ def test_certificates_and_keys_are_never_overwritten(tmp_path):
         make_certificates(tmp_path)
     assert str(err.value) == f"{certs.ca_cert} already exists: refusing to overwrite it"
     assert {p: p.read_bytes() for p in certs.files()} == before
-    line = one_error_line(script("make_certificates.py", "--out", tmp_path))
+    line = one_error_line(fl_app("deploy", "certificates", "--out", tmp_path))
     assert line == f"error: {certs.ca_cert} already exists: refusing to overwrite it"
 
     (key,) = make_node_keys(tmp_path / "keys", ["node-0"])
@@ -147,12 +144,12 @@ def test_certificates_and_keys_are_never_overwritten(tmp_path):
         make_node_keys(tmp_path / "keys", ["node-1", "node-0"])
     assert key.private.read_bytes() == before
     assert not (tmp_path / "keys" / "node-1").exists()  # nothing written when one exists
-    line = one_error_line(script("make_node_keys.py", "--out", tmp_path / "keys", "node-0"))
+    line = one_error_line(fl_app("deploy", "node-keys", "--out", tmp_path / "keys", "node-0"))
     assert line == f"error: {key.private} already exists: refusing to overwrite it"
 
 
 def test_node_keys_are_openssh_ecdsa_p384_that_flower_accepts(tmp_path):
-    done = script("make_node_keys.py", "--out", tmp_path, "node-0", "node-1")
+    done = fl_app("deploy", "node-keys", "--out", tmp_path, "node-0", "node-1")
     assert done.returncode == 0, done.stderr
     for name in ("node-0", "node-1"):
         private_file, public_file = tmp_path / name, tmp_path / f"{name}.pub"
@@ -179,7 +176,7 @@ def test_missing_inputs_are_one_clear_line_before_anything_starts(tmp_path):
         start_superlink(Certificates.in_dir(empty), log=tmp_path / "superlink.log")
     assert str(err.value) == (
         f"{empty / 'ca.crt'} is not a file: expected the CA certificate "
-        "(make_certificates.py writes it)"
+        "(`fl-app deploy certificates` writes it)"
     )
     checks = [
         (tmp_path / "no.crt", key.private, empty, "no.crt is not a file: expected the CA"),
@@ -192,33 +189,78 @@ def test_missing_inputs_are_one_clear_line_before_anything_starts(tmp_path):
         assert "\n" not in str(err.value)
     assert not (tmp_path / "superlink.log").exists() and not (tmp_path / "supernode.log").exists()
 
-    # The scripts: exit code 2 and the same one line.
-    line = one_error_line(script("start_superlink.py", "--certs", empty))
+    # The commands: exit code 2 and the same one line.
+    line = one_error_line(fl_app("deploy", "superlink", "--certs", empty))
     assert f"{empty / 'ca.crt'} is not a file" in line
     line = one_error_line(
-        script(
-            "start_supernode.py",
-            *("--superlink", "127.0.0.1:1", "--ca", certs.ca_cert),
+        fl_app(
+            *("deploy", "supernode", "--superlink", "127.0.0.1:1", "--ca", certs.ca_cert),
             *("--key", tmp_path / "no-key", "--data-dir", empty),
         )
     )
     assert "no-key is not a file: expected the node's private key" in line
-    line = one_error_line(
-        script("register_nodes.py", "--superlink", "127.0.0.1:1", "--ca", certs.ca_cert, "x.pub")
-    )
+    register = ("deploy", "register", "--superlink")
+    line = one_error_line(fl_app(*register, "127.0.0.1:1", "--ca", certs.ca_cert, "x.pub"))
     assert "x.pub is not a file: expected a node's public key" in line
-    line = one_error_line(script("start_superlink.py", "--certs", tmp_path / "certs", "--port", 0))
-    assert "--port 0 is not allowed" in line
-    one_error_line(script("local_federation.py", "down", "--dir", empty))
-    one_error_line(script("make_node_keys.py", "--out", tmp_path))  # no NAME
+    line = one_error_line(fl_app(*register, "nohost", "--ca", certs.ca_cert, "x.pub"))
+    assert line == "error: --superlink 'nohost' is not allowed: expected HOST:PORT"
+    line = one_error_line(fl_app("deploy", "superlink", "--certs", tmp_path / "certs", "--port", 0))
+    assert "'--port': 0 is not in the range 1<=x<=65535" in line
+    line = one_error_line(fl_app("local", "up", "--dir", empty, "--nodes", 0))
+    assert "'--nodes': 0 is not in the range x>=1" in line
+    line = one_error_line(fl_app("local", "down", "--dir", empty))
+    assert f"{empty / 'federation.json'} is not a file" in line
+    line = one_error_line(fl_app("deploy", "node-keys", "--out", tmp_path))  # no NAME
+    assert "Missing argument 'NAME...'" in line
+    line = one_error_line(fl_app("data", "prepare", "--out", empty, "--nodes", 1, "--dataset", "x"))
+    assert "'x' is not one of fashion_mnist, mnist, cifar10" in line
+    line = one_error_line(fl_app("deploy", "certificate"))
+    assert "No such command 'certificate'" in line and "fl-app deploy --help" in line
 
 
-@pytest.mark.parametrize("name", SCRIPT_NAMES)
-def test_scripts_have_help(name):
-    done = script(name, "--help")
-    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
-    assert os.access(SCRIPTS / name, os.X_OK)
-    assert (SCRIPTS / name).read_text().startswith("#!/usr/bin/env python3\n")
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_without_keras(command):
+    check = (
+        "import sys; from fl_app.cli import main; code = main(sys.argv[1:]);"
+        " heavy = {'keras', 'tensorflow'} & set(sys.modules); assert not heavy, heavy;"
+        " sys.exit(code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check, *command, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0 and "Usage: fl-app" in done.stdout, done.stderr
+
+
+def test_fl_app_is_the_console_script_that_replaced_the_scripts():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["fl-app"] == "fl_app.cli:main"
+    assert not (REPO / "scripts").exists()
+
+
+def test_bench_without_a_checkout_is_one_error_line(tmp_path):
+    # fl_app alone, as a wheel installs it: no benchmarks package beside it, and
+    # not the checkout an editable install puts on sys.path.
+    shutil.copytree(REPO / "fl_app", tmp_path / "fl_app", ignore=shutil.ignore_patterns("*.pyc"))
+    run_alone = (
+        "import sys; from pathlib import Path;"
+        f" sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != Path({str(REPO)!r})];"
+        " from fl_app.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", run_alone, "bench", "client", "--smallest"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    line = one_error_line(done)
+    assert "the benchmarks need a checkout of the repository" in line
 
 
 # --- 2.-4. a real federation on loopback
@@ -253,8 +295,8 @@ def federation(tmp_path_factory):
     fed = LocalFederation(root / "federation", 2, data_dirs=data_dirs, timeout=180)
     with fed:
         yield fed
-    pids = recorded_pids(fed.state_file)
-    assert pids and not [pid for pid in pids if running(pid)], "processes left running"
+    records = recorded(fed.state_file)
+    assert records and not [r for r in records if running(r)], "processes left running"
 
 
 @pytest.mark.e2e
@@ -263,9 +305,9 @@ def test_two_rounds_over_tls_with_two_authenticated_supernodes(federation, tmp_p
     assert state["connection"] == "fl-app" and state["address"] == federation.address
     assert (Path(state["flwr_home"]) / "config.toml").is_file()
     nodes = state["supernodes"]
-    assert len(nodes) == 2 and all(running(n["pid"]) for n in nodes)
+    assert len(nodes) == 2 and all(running(ProcessRecord.from_json(n)) for n in nodes)
     assert len({n["data_dir"] for n in nodes}) == 2  # each node its own data folder
-    online = list_nodes(federation.cli)
+    online = federation.cli.supernodes()
     assert sorted(online) == sorted(n["node_id"] for n in nodes)
     assert set(online.values()) == {"online"}
 
@@ -279,6 +321,10 @@ def test_two_rounds_over_tls_with_two_authenticated_supernodes(federation, tmp_p
     for r in rounds[1:]:
         assert r["train_replies"] == 2 and r["rejected_replies"] == 0 and r["model_updated"]
     assert log_lines(run.log, r"Round 2 summary: train acc")
+    import keras
+
+    import fl_app.model.classifier  # noqa: F401 - registers the preprocessing layer
+
     model = keras.saving.load_model(run.run_dir / "final.keras")
     assert model.output_shape == (None, 10)
 
@@ -306,9 +352,9 @@ def faulty_run(federation, tmp_path_factory):
     try:
         try:
             intruder_exit = intruder.proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
+        except psutil.TimeoutExpired:
             intruder_exit = None
-        online = list_nodes(federation.cli)
+        online = federation.cli.supernodes()
         run = run_app(federation, tmp, {"min-available-nodes": 3})
         registered = [n.node_id for n in federation.nodes if n.registered]
         yield FaultyRun(
@@ -349,35 +395,29 @@ def test_a_supernode_without_data_does_not_stop_the_run(faulty_run):
 
 
 @pytest.mark.e2e
-def test_local_federation_script_up_and_down_by_pid(tmp_path):
-    """The CLI: `up` leaves a SuperLink and a SuperNode running, `down` stops them all."""
+def test_fl_app_local_up_and_down(tmp_path):
+    """`up` leaves a SuperLink and a SuperNode running, `down` stops them and all below."""
     data = tmp_path / "data" / "node-0"
     data.mkdir(parents=True)  # `up` reuses node-<i>/ folders that hold partition.npz
     (data / "partition.npz").write_bytes(b"")  # never read: no run is submitted
     directory = tmp_path / "federation"
     try:
-        done = script(
-            "local_federation.py",
-            *("up", "--dir", directory, "--nodes", 1, "--data-root", tmp_path / "data"),
+        done = fl_app(
+            *("local", "up", "--dir", directory, "--nodes", 1, "--data-root", tmp_path / "data")
         )
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "flwr run . fl-app" in done.stdout and "down --dir" in done.stdout
-        pids = recorded_pids(directory / "federation.json")
-        assert len(pids) >= 2 and all(running(pid) for pid in pids[:2])
-        assert str(pids[0]) in done.stdout
+        assert "flwr run . fl-app" in done.stdout and "fl-app local down --dir" in done.stdout
+        records = recorded(directory / "federation.json")
+        assert len(records) >= 2 and all(running(r) for r in records[:2])
+        assert f"pid {records[0].pid}" in done.stdout
         # A second `up` on a running federation is refused.
-        line = one_error_line(script("local_federation.py", "up", "--dir", directory))
+        line = one_error_line(fl_app("local", "up", "--dir", directory))
         assert "already up" in line
         # Processes started below them (SuperExecs) are stopped too.
-        below = [p for pid in pids[:2] for p in _children(pid)]
-        done = script("local_federation.py", "down", "--dir", directory)
+        below = [ProcessRecord.of(p) for r in records[:2] for p in processes.descendants(r.pid)]
+        done = fl_app("local", "down", "--dir", directory)
         assert done.returncode == 0, done.stderr
-        assert not [pid for pid in pids + below if running(pid)]
+        assert not [r for r in records + below if running(r)]
+        assert json.loads((directory / "federation.json").read_text())["stopped"] is True
     finally:
-        LocalFederation(directory).down()  # by the PIDs in the state file, if any are left
-
-
-def _children(pid: int) -> list[int]:
-    from fl_app.launch.local_superlink import descendants
-
-    return descendants(pid)
+        LocalFederation(directory).down()  # by the records in the state file, if any are left

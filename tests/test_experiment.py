@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+
+from fl_app.launch import processes
 
 TINY = [
     "num_server_rounds=2",
@@ -28,12 +31,12 @@ def started_under(marker: Path) -> set[int]:
     their own folder; every process the launcher starts inherits it.
     """
     found = set()
-    needle = str(marker).encode()
-    for environ in Path("/proc").glob("[0-9]*/environ"):
+    needle = str(marker)
+    for proc in psutil.process_iter():
         try:
-            if needle in environ.read_bytes():
-                found.add(int(environ.parent.name))
-        except OSError:
+            if processes.alive(proc) and any(needle in v for v in proc.environ().values()):
+                found.add(proc.pid)
+        except psutil.Error:
             continue  # ended meanwhile, or not ours to read
     return found - {os.getpid()}
 

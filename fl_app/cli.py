@@ -1,0 +1,182 @@
+"""``fl-app``: every operations command of fl_app in one place.
+
+``fl-app deploy ...`` and ``fl-app local ...`` (`fl_app.deploy.cli`), ``fl-app data
+prepare``, ``fl-app sweep summarize`` and ``fl-app bench ...``. Experiments run
+with ``fl-app-experiment`` (Hydra). Bad input is exactly one ``error:`` line on
+stderr and exit code 2; ``--help`` never imports Keras or TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from fl_app.deploy.cli import deploy, local
+
+app = typer.Typer(
+    help="Operate fl_app: deployments, a local federation, data, sweeps, benchmarks.",
+    add_completion=False,
+)
+app.add_typer(deploy, name="deploy")
+app.add_typer(local, name="local")
+data = typer.Typer(help="Data for deployments.", add_completion=False)
+app.add_typer(data, name="data")
+sweep = typer.Typer(help="Hydra multirun sweeps.", add_completion=False)
+app.add_typer(sweep, name="sweep")
+bench = typer.Typer(
+    help="Benchmarks (need a checkout of the repository); arguments go to the benchmark.",
+    add_completion=False,
+)
+app.add_typer(bench, name="bench")
+
+# fl-app bench NAME -> benchmarks/<module>.py, whose main() reads sys.argv.
+BENCHMARKS = {
+    "client": ("bench", "our ClientApp against a quickstart-style one (issue 5's table)"),
+    "edge": ("bench_edge", "cost of the model on an edge device: memory and images/s"),
+    "deployment": ("bench_deployment", "per-round time of a deployment against a simulation"),
+    "accuracy": ("accuracy_report", "federated against centralised accuracy"),
+    "memory": ("measure_memory", "peak RSS of one training process per phase"),
+}
+REPO = Path(__file__).resolve().parents[1]
+# What `main` reports as one `error:` line: our own failures (DeploymentError,
+# FlowerCLIError, ProcessExitedError, ...) are RuntimeErrors; files and values raise the others.
+USER_ERRORS = (RuntimeError, OSError, ValueError)
+
+
+@data.command("prepare")
+def prepare(
+    out: Annotated[Path, typer.Option(help="folder for the node-<i>/ folders")],
+    nodes: Annotated[int, typer.Option(min=1, help="number of SuperNodes")],
+    dataset: Annotated[str, typer.Option(help="a dataset fl_app knows")] = "fashion_mnist",
+    partitioner: Annotated[str, typer.Option(help="iid or dirichlet")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration")] = 0.5,
+    seed: Annotated[int, typer.Option(help="seed of the split")] = 0,
+    max_examples: Annotated[int, typer.Option(min=0, help="cap per node (0 = none)")] = 0,
+) -> int:
+    """Split a dataset into one data folder per SuperNode, for deployment demos.
+
+    Each OUT/node-<i>/ gets partition.npz (uint8 images x, labels y); start a
+    SuperNode on it with --node-config 'data-dir="/abs/OUT/node-0"'. Existing
+    node data is never overwritten.
+    """
+    from fl_app.data import DATASETS, PARTITION_FILE, PARTITIONERS, prepare_node_dirs
+
+    for option, value, allowed in (
+        ("--dataset", dataset, DATASETS),
+        ("--partitioner", partitioner, PARTITIONERS),
+    ):
+        if value not in allowed:
+            raise click.BadParameter(
+                f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"'{option}'"
+            )
+    existing = sorted(out.glob(f"node-*/{PARTITION_FILE}"))
+    if existing:
+        raise FileExistsError(f"{existing[0]} exists: refusing to overwrite node data")
+    folders = prepare_node_dirs(out, nodes, dataset, partitioner, alpha, seed, max_examples)
+    for folder in folders:
+        print(f"--node-config 'data-dir=\"{folder.resolve()}\"'")
+    return 0
+
+
+@sweep.command("summarize")
+def summarize(
+    sweep_dir: Annotated[
+        Path, typer.Argument(help="the sweep folder, e.g. multirun/2026-11-25/12-00-00")
+    ],
+) -> int:
+    """Summarise a Hydra multirun sweep: SWEEP_DIR/summary.csv and accuracy.png.
+
+    summary.csv has one row per job (overrides, status, rounds, final and best
+    server accuracy, wall time, bytes sent/received); accuracy.png plots server
+    accuracy per round, one line per job. Prints both paths and a markdown table.
+    """
+    from fl_app.launch.sweep import main as summarize_main
+
+    return summarize_main([str(sweep_dir)])
+
+
+def _bench_command(name: str, module: str, help_text: str) -> None:
+    @bench.command(
+        name,
+        help=f"{help_text[0].upper()}{help_text[1:]} (benchmarks/{module}.py; try --help).",
+        add_help_option=False,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
+    def command(ctx: typer.Context) -> int:
+        return run_benchmark(module, ctx.args, prog=f"fl-app bench {name}")
+
+
+for _name, (_module, _help) in BENCHMARKS.items():
+    _bench_command(_name, _module, _help)
+
+
+def run_benchmark(module: str, args: Sequence[str], prog: str) -> int:
+    """Import ``benchmarks.<module>`` and call its ``main()`` with ``args`` as argv.
+
+    Raises
+    ------
+    click.UsageError
+        If the benchmarks cannot be imported (fl_app installed without its repository).
+    """
+    try:
+        bench_module = _import_benchmark(module)
+    except ModuleNotFoundError as err:
+        if err.name not in ("benchmarks", f"benchmarks.{module}"):
+            raise
+        raise click.UsageError(
+            f"benchmarks.{module} is not importable: the benchmarks need a checkout of the"
+            " repository (run fl-app from it, or install it with pip install -e)"
+        ) from None
+    argv = sys.argv
+    sys.argv = [prog, *args]  # the benchmarks parse sys.argv
+    try:
+        return int(bench_module.main() or 0)
+    finally:
+        sys.argv = argv
+
+
+def _import_benchmark(module: str) -> object:
+    try:
+        return importlib.import_module(f"benchmarks.{module}")
+    except ModuleNotFoundError as err:
+        # Installed as a console script, sys.path lacks the checkout fl_app is in.
+        if err.name != "benchmarks" or not (REPO / "benchmarks" / "__init__.py").is_file():
+            raise
+        sys.path.insert(0, str(REPO))
+        return importlib.import_module(f"benchmarks.{module}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fl-app``; return its exit code.
+
+    Bad input (a usage error or a failed input check) is one ``error:`` line on
+    stderr and exit code 2.
+    """
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(
+            list(sys.argv[1:] if argv is None else argv), prog_name="fl-app", standalone_mode=False
+        )
+    except click.UsageError as err:
+        hint = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
+        return _error(f"{err.format_message().rstrip('.')}{hint}")
+    except click.ClickException as err:
+        return _error(err.format_message())
+    except USER_ERRORS as err:
+        return _error(err)
+    return code if isinstance(code, int) else 0
+
+
+def _error(message: object) -> int:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""``fl-app deploy ...`` (certificates, keys, SuperLink, SuperNodes) and ``fl-app local ...``.
+
+Every command checks its inputs before anything starts; a bad one is one
+``error:`` line and exit code 2 (see `fl_app.cli.main`).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import psutil
+import typer
+
+from fl_app.deploy import DeploymentError
+from fl_app.deploy.commands import (
+    DEFAULT_SUPERLINK_PORT,
+    DEFAULT_SUPERNODE_PORT,
+    advertised_host,
+    check_address,
+    check_superlink_host,
+    check_superlink_inputs,
+    check_supernode_inputs,
+    register_keys,
+    superlink_command,
+    supernode_command,
+)
+from fl_app.deploy.pki import (
+    DEFAULT_HOSTS,
+    Certificates,
+    certificate_hosts,
+    make_certificates,
+    make_node_keys,
+)
+from fl_app.launch import processes
+
+# `flwr run .` starts its own detached SuperLink here (Flower's LOCAL_SUPERLINK_HTTP_API_PORT).
+FLWR_LOCAL_SUPERLINK_PORT = 39091
+
+deploy = typer.Typer(
+    help="A real deployment: certificates, node keys, SuperLink and SuperNodes (TLS + auth).",
+    add_completion=False,
+)
+local = typer.Typer(
+    help="A federation on this machine: `up` in the background, `down` by PID.",
+    add_completion=False,
+)
+
+
+@deploy.command("certificates")
+def certificates(
+    out: Annotated[Path, typer.Option(help="folder for the four files")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME_OR_IP",
+            help="a host name or IP address of the SuperLink (repeatable; "
+            f"{' and '.join(DEFAULT_HOSTS)} are always included)",
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, help="validity in days")] = 825,
+) -> int:
+    """Make a CA and a SuperLink TLS certificate signed by it (no openssl needed).
+
+    Writes OUT/ca.crt and OUT/ca.key (the CA), OUT/server.pem and OUT/server.key
+    (the SuperLink's certificate and key; keys 0600). The server certificate names
+    every --host (and always 127.0.0.1 and localhost): SuperNodes and `flwr` must
+    reach the SuperLink by one of these names. Existing files are never
+    overwritten. Give ca.crt to every SuperNode and `flwr` user; keep ca.key
+    offline.
+    """
+    certs = make_certificates(out, host or DEFAULT_HOSTS, days)
+    print(f"CA certificate:        {certs.ca_cert}  (give to SuperNodes and flwr users)")
+    print(f"CA key:                {certs.ca_key}  (keep private)")
+    print(f"SuperLink certificate: {certs.server_cert}")
+    print(f"SuperLink key:         {certs.server_key}")
+    print(f"The SuperLink may be reached as: {', '.join(certificate_hosts(certs.server_cert))}")
+    return 0
+
+
+@deploy.command("node-keys")
+def node_keys(
+    out: Annotated[Path, typer.Option(help="folder for the keys")],
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="key (node) names")],
+) -> int:
+    """Make SuperNode key pairs for node authentication (like `ssh-keygen -t ecdsa -b 384`).
+
+    For each NAME writes OUT/NAME (OpenSSH ECDSA P-384 private key, 0600, for
+    `flower-supernode --auth-supernode-private-key`) and OUT/NAME.pub (the public
+    key, for `fl-app deploy register`). Existing files are never overwritten.
+    """
+    for key in make_node_keys(out, names):
+        print(f"{key.name}: private {key.private}, public {key.public}")
+    return 0
+
+
+@deploy.command("register")
+def register(
+    superlink: Annotated[str, typer.Option(metavar="HOST:PORT", help="the SuperLink's address")],
+    ca: Annotated[Path, typer.Option(help="the CA certificate (ca.crt) of the SuperLink")],
+    keys: Annotated[list[Path], typer.Argument(metavar="KEY.pub...", help="public key files")],
+) -> int:
+    """Register SuperNodes' public keys with a running SuperLink (node authentication on).
+
+    Runs `flwr supernode register KEY.pub` for each key over TLS, through a
+    temporary FLWR_HOME whose connection points at --superlink with --ca as root
+    certificate. Only registered keys can connect; a key can be registered once
+    per SuperLink (its state is in memory unless it runs with --database).
+    """
+    for key, node_id in zip(keys, register_keys(superlink, ca, keys), strict=True):
+        print(f"{key}: registered as SuperNode {node_id}")
+    return 0
+
+
+@deploy.command("superlink")
+def superlink(
+    certs: Annotated[Path, typer.Option(help="folder with ca.crt, server.pem, server.key")],
+    port: Annotated[
+        int,
+        typer.Option(min=1, max=65535, help="the one port of the Fleet, Control and Runtime APIs"),
+    ] = DEFAULT_SUPERLINK_PORT,
+    host: Annotated[
+        str, typer.Option(help="address to listen on (0.0.0.0 for every interface)")
+    ] = "127.0.0.1",
+    database: Annotated[
+        Path | None,
+        typer.Option(help="SQLite file keeping registered nodes and runs (default: memory)"),
+    ] = None,
+) -> int:
+    """Run a SuperLink with TLS and SuperNode authentication, in the foreground.
+
+    Runs `flower-superlink` with CERTS/ca.crt, server.pem and server.key,
+    --enable-supernode-auth and --disable-runtime-dependency-installation
+    (ServerApps run in this Python). ONE port serves the Fleet, Control and
+    Runtime APIs. Relative `results-dir` values of runs start from the directory
+    you start it in. Stop it with Ctrl-C.
+    """
+    found = check_superlink_inputs(Certificates.in_dir(certs))
+    check_superlink_host(found, host)
+    cmd = superlink_command(found, port, host, database)
+    address = f"{advertised_host(found, host)}:{port}"
+    names = ", ".join(certificate_hosts(found.server_cert))
+    print(
+        f"""SuperLink (TLS + SuperNode authentication) listening on {host}:{port}:
+Fleet, Control and Runtime APIs all on port {port}. Clients must use a name in its
+certificate: {names}.
+
+Register each node's public key (once per SuperLink start, unless --database):
+  fl-app deploy register --superlink {address} --ca {found.ca_cert} node-0.pub ...
+
+Start a SuperNode on a device (it needs ca.crt and its own private key):
+  fl-app deploy supernode --superlink {address} --ca ca.crt --key node-0 --data-dir /data/node-0
+  or: flower-supernode --superlink {address} --root-certificates ca.crt \\
+        --auth-supernode-private-key node-0 --node-config 'data-dir="/data/node-0"' --port 9094
+
+Submit runs (from the app folder), with a connection in $FLWR_HOME/config.toml:
+  [superlink]
+  default = "fl-app"
+  [superlink.fl-app]
+  address = "{address}"
+  insecure = false
+  root-certificates = "{found.ca_cert}"
+then: flwr run . fl-app --stream
+  or: fl-app-experiment federation=deployment-tls federation.address={address} \\
+        federation.root_certificates={found.ca_cert}
+
+$ {shlex.join(cmd)}""",
+        flush=True,
+    )
+    os.execve(cmd[0], cmd, processes.process_env())
+    return 0  # not reached
+
+
+@deploy.command("supernode")
+def supernode(
+    superlink: Annotated[str, typer.Option(metavar="HOST:PORT", help="the SuperLink's address")],
+    ca: Annotated[Path, typer.Option(help="the CA certificate (ca.crt) of the SuperLink")],
+    key: Annotated[Path, typer.Option(help="this node's private key")],
+    data_dir: Annotated[Path, typer.Option(help="this node's data folder")],
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="this node's own Runtime API port")
+    ] = DEFAULT_SUPERNODE_PORT,
+    host: Annotated[str, typer.Option(help="address of that API")] = "127.0.0.1",
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="where cached activations and the base model are kept"),
+    ] = None,
+) -> int:
+    """Run a SuperNode with TLS and node authentication, in the foreground.
+
+    The node connects to the SuperLink at --superlink over TLS (verified with
+    --ca), authenticates with its private key (its public key must be registered:
+    `fl-app deploy register`) and trains on its own data folder (partition.npz,
+    or one subfolder of images per class). --port is the node's own Runtime API
+    port, which its ClientApps connect to: every SuperNode on one machine needs
+    its own. The cache folder defaults to ~/.cache/fl_app. Stop it with Ctrl-C.
+    """
+    check_address(superlink)
+    check_supernode_inputs(ca, key, data_dir)
+    cmd = supernode_command(superlink, ca, key, data_dir, port, host, cache_dir)
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    os.execve(cmd[0], cmd, processes.process_env())
+    return 0  # not reached
+
+
+@local.command("up")
+def up(
+    directory: Annotated[Path, typer.Option("--dir", help="the federation's folder")],
+    nodes: Annotated[int, typer.Option(min=1, help="SuperNodes")] = 2,
+    data_root: Annotated[
+        Path | None, typer.Option(help="folder of node-<i>/ data folders (default: DIR/data)")
+    ] = None,
+    dataset: Annotated[str, typer.Option(help="dataset to partition")] = "fashion_mnist",
+    max_examples: Annotated[
+        int, typer.Option(min=0, help="cap per node when preparing (0 = all)")
+    ] = 0,
+    timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for each start")] = 120,
+) -> int:
+    """Start a TLS + authenticated federation on this machine, in the background.
+
+    Makes (or reuses) certificates and node keys in DIR, prepares one data folder
+    per node (unless --data-root already holds node-<i>/partition.npz), starts a
+    SuperLink on a free loopback port, registers the node keys, starts the
+    SuperNodes, waits until they are online, and writes DIR/federation.json
+    (processes, ports, FLWR_HOME, connection). `fl-app local down --dir DIR`
+    stops exactly those processes and what they started.
+    """
+    from fl_app.deploy.local_federation import LocalFederation
+
+    fed = LocalFederation(
+        directory,
+        nodes,
+        data_root=data_root,
+        dataset=dataset,
+        max_examples=max_examples,
+        timeout=timeout,
+    )
+    try:
+        fed.up()
+    except KeyboardInterrupt:
+        print("interrupted: everything started was stopped", file=sys.stderr)
+        return 130
+    assert fed.superlink is not None
+    print(
+        f"SuperLink  pid {fed.superlink.pid}  {fed.address}  (TLS, node auth; Fleet, Control"
+        f" and Runtime APIs on this one port)  log {fed.logs / 'superlink.log'}"
+    )
+    for node in fed.nodes:
+        assert node.proc is not None
+        print(
+            f"SuperNode  pid {node.proc.pid}  {node.name}  node id {node.node_id}  "
+            f"port {node.port}  data {node.data_dir}  log {node.log}"
+        )
+    print(f"State: {fed.state_file}")
+    print("\nSubmit runs (from the app folder):")
+    print(f"  FLWR_HOME={fed.flwr_home} flwr run . fl-app --stream")
+    print(
+        f"  fl-app-experiment federation=deployment-tls federation.address={fed.address}"
+        f" federation.root_certificates={fed.certs.ca_cert}"
+    )
+    print("Stop everything:")
+    print(f"  fl-app local down --dir {fed.directory}")
+    return 0
+
+
+@local.command("down")
+def down(
+    directory: Annotated[Path, typer.Option("--dir", help="the federation's folder")],
+) -> int:
+    """Stop everything `up` started in DIR (recorded by PID and start time)."""
+    from fl_app.deploy.local_federation import LocalFederation
+
+    fed = LocalFederation(directory)
+    if not fed.state_file.is_file():
+        raise DeploymentError(
+            f"{fed.state_file} is not a file: expected the state of a federation `up`"
+        )
+    fed.down()
+    print(f"Stopped the federation in {fed.directory}")
+    return 0
+
+
+@local.command("stop-superlink")
+def stop_superlink(
+    port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="its port (default: $FLWR_LOCAL_SUPERLINK_HTTP_API_PORT or "
+            f"{FLWR_LOCAL_SUPERLINK_PORT})",
+        ),
+    ] = None,
+) -> int:
+    """Stop the detached local SuperLink that `flwr run .` started.
+
+    Only a flower-superlink listening on the port is stopped (SIGTERM, then
+    SIGKILL after 10 s); no process there is fine.
+    """
+    if port is None:
+        port = int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", FLWR_LOCAL_SUPERLINK_PORT))
+    proc = processes.listening_on(port)
+    if proc is None:
+        print(f"no process listens on port {port}: nothing to stop", file=sys.stderr)
+        return 0
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except psutil.Error:
+        cmdline = ""
+    if "flower-superlink" not in cmdline:
+        raise DeploymentError(
+            f"port {port} belongs to PID {proc.pid}, which is not a flower-superlink:"
+            " not stopping it"
+        )
+    if processes.stop_tree(proc, timeout=10):
+        raise DeploymentError(f"SuperLink PID {proc.pid} did not stop within 10 s")
+    print(f"stopped SuperLink PID {proc.pid}")
+    return 0
