@@ -15,7 +15,7 @@ Writes ``results.json``, ``accuracy.png`` and ``table.md`` into ``--out`` (the r
 own folders, models included, go to ``--jobs``), and prints the table.
 ``--plot-only`` rebuilds the table and plot from an existing results.json.
 
-Usage: python scripts/accuracy_report.py [--out docs/accuracy] [--rounds 5] ...
+Usage: fl-app bench accuracy [--out docs/accuracy] [--rounds 5] ...
 """
 
 import argparse
@@ -93,13 +93,12 @@ def run_centralised(args: argparse.Namespace) -> dict:
 
     from fl_app.data import NUM_CLASSES, load_node_data, load_test_set
     from fl_app.model.classifier import (
-        FINE_TUNE,
-        HEAD,
         build_model,
         compile_model,
         reset_optimizer,
         set_phase,
     )
+    from fl_app.schedule import FINE_TUNE, HEAD
 
     nodes = [
         load_node_data(

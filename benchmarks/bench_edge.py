@@ -17,7 +17,7 @@ images; peak RSS of the whole process (Python, TensorFlow, model, training). Wit
 ``--repeat N`` every case runs N times, the backbones alternating, and the fastest run
 counts (other processes on a shared machine only ever slow a run down).
 
-Usage: python scripts/bench_edge.py [--sizes 32 96] [--images 512] [--repeat 2] [--json out.json]
+Usage: fl-app bench edge [--sizes 32 96] [--images 512] [--repeat 2] [--json out.json]
 """
 
 import argparse
@@ -44,7 +44,8 @@ def measure(backbone: str, mode: str, size: int, images: int) -> dict:
     import keras
     import numpy as np
 
-    from fl_app.model.classifier import FINE_TUNE, HEAD, build_model, compile_model, set_phase
+    from fl_app.model.classifier import build_model, compile_model, set_phase
+    from fl_app.schedule import FINE_TUNE, HEAD
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@ Each case runs in its own process (peak RSS only grows): import TensorFlow/Keras
 build and compile the model in a phase, fit one epoch of 256 random 28x28 grey
 images at batch 32, print the process's peak RSS.
 
-Usage: python scripts/measure_memory.py [--sizes 32 96]
+Usage: fl-app bench memory [--sizes 32 96]
 """
 
 import argparse
@@ -24,7 +24,8 @@ def measure(phase: str, size: int) -> int:
     """Train once in this process; return its peak RSS in MB."""
     import numpy as np
 
-    from fl_app.model.classifier import CONV5_LAYERS, build_head, build_model, compile_model, set_phase
+    from fl_app.model.backbones import RESNET50
+    from fl_app.model.classifier import build_head, build_model, compile_model, set_phase
 
     rng = np.random.default_rng(0)
     y = np.arange(256) % 10
@@ -33,7 +34,7 @@ def measure(phase: str, size: int) -> int:
         inputs = rng.random((256, 2048), dtype=np.float32)
     else:
         model = build_model(10, (28, 28, 1), size)
-        set_phase(model, phase, CONV5_LAYERS)
+        set_phase(model, phase, RESNET50.cut.fine_tune_layers)
         inputs = rng.integers(0, 256, (256, 28, 28, 1), dtype=np.uint8)
     compile_model(model, 1e-3)
     model.fit(inputs, y, batch_size=32, verbose=0)

@@ -40,7 +40,7 @@ class ImagePreprocessing(layers.Layer):
     backbone : str
         Whose normalisation to apply: ``"resnet50"`` (``resnet50.preprocess_input``:
         BGR, ImageNet means subtracted) or ``"efficientnet_lite0"`` (``(x - 127) / 128``).
-        The default keeps models saved before this argument existed loading as before.
+        Saved models whose config lacks it are ResNet50 models, hence the default.
 
     """
 
