@@ -270,12 +270,16 @@ def test_ctrl_c_on_local_up_leaves_no_process_behind(moment, tmp_path):
     )
     seen: dict[ProcessRecord, str] = {}  # every process `up` ran, with its command line
 
+    def see(record: ProcessRecord | None, proc: psutil.Process | None) -> None:
+        # The latest command line: a child seen between fork and exec still has ours.
+        if record is not None:
+            seen[record] = _cmdline(proc) or seen.get(record, "")
+
     def look() -> dict:
         for proc in processes.descendants(up):
-            if (record := ProcessRecord.of(proc)) is not None:
-                seen.setdefault(record, _cmdline(proc))
+            see(ProcessRecord.of(proc), proc)
         for record in state_records(directory / "federation.json"):
-            seen.setdefault(record, _cmdline(record.process()))
+            see(record, record.process())
         try:
             return json.loads((directory / "federation.json").read_text())
         except (OSError, json.JSONDecodeError):
