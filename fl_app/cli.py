@@ -8,11 +8,12 @@ stderr and exit code 2; ``--help`` never imports Keras or TensorFlow.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import click
 import typer
@@ -133,12 +134,18 @@ def run_benchmark(module: str, args: Sequence[str], prog: str) -> int:
             f"benchmarks.{module} is not importable: the benchmarks need a checkout of the"
             " repository (run fl-app from it, or install it with pip install -e)"
         ) from None
-    argv = sys.argv
-    sys.argv = [prog, *args]  # the benchmarks parse sys.argv
+    argv, error = sys.argv, argparse.ArgumentParser.error
+    sys.argv = [prog, *args]  # the benchmarks parse sys.argv with argparse
+    argparse.ArgumentParser.error = _argparse_error  # type: ignore[method-assign]
     try:
         return int(bench_module.main() or 0)
     finally:
-        sys.argv = argv
+        sys.argv, argparse.ArgumentParser.error = argv, error  # type: ignore[method-assign]
+
+
+def _argparse_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    # argparse prints its usage first; fl-app's bad input is one line.
+    parser.exit(2, f"error: {message} (see {parser.prog} --help)\n")
 
 
 def _import_benchmark(module: str) -> object:

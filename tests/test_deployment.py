@@ -216,6 +216,8 @@ def test_missing_inputs_are_one_clear_line_before_anything_starts(tmp_path):
     assert "'x' is not one of fashion_mnist, mnist, cifar10" in line
     line = one_error_line(fl_app("deploy", "certificate"))
     assert "No such command 'certificate'" in line and "fl-app deploy --help" in line
+    line = one_error_line(fl_app("bench", "deployment", "--rounds", "x"))  # argparse's error
+    assert line.startswith("error: argument --rounds: invalid int value: 'x' (see fl-app bench")
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -29,24 +29,9 @@ PUBLIC_KEY = "a node's public key (<name>.pub from `fl-app deploy node-keys`)"
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:
-    """Return ``path`` resolved if it is a file, else raise one clear line.
+    """``path`` made absolute if it is a file, else a `DeploymentError` line.
 
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The file.
-    what : str
-        What the file is, for the message (e.g. "the CA certificate").
-
-    Returns
-    -------
-    Path
-        The absolute path.
-
-    Raises
-    ------
-    DeploymentError
-        ``"<path> is not a file: expected <what>"``.
+    The line reads "<path> is not a file: expected <what>".
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -55,24 +40,9 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def require_dir(path: str | os.PathLike, what: str) -> Path:
-    """Return ``path`` resolved if it is a folder, else raise one clear line.
+    """``path`` made absolute if it is a folder, else a `DeploymentError` line.
 
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The folder.
-    what : str
-        What the folder is, for the message.
-
-    Returns
-    -------
-    Path
-        The absolute path.
-
-    Raises
-    ------
-    DeploymentError
-        ``"<path> is not a folder: expected <what>"``.
+    The line reads "<path> is not a folder: expected <what>".
     """
     p = Path(path).expanduser()
     if not p.is_dir():
