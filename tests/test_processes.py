@@ -21,6 +21,7 @@ import pytest
 from fl_app.data import fashion_mnist_dirs
 from fl_app.deploy.local_federation import LocalFederation
 from fl_app.launch import processes
+from fl_app.launch.flower_cli import FlowerCLI, FlowerCLIError, write_connection
 from fl_app.launch.processes import ProcessRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -316,3 +317,13 @@ def _cmdline(proc: psutil.Process | None) -> str:
         return " ".join(proc.cmdline()) if proc is not None else ""
     except psutil.Error:
         return ""
+
+
+def test_a_failed_flwr_call_is_one_flower_cli_error_line(tmp_path):
+    write_connection(tmp_path, f"127.0.0.1:{processes.free_port()}")  # nothing listens there
+    cli = FlowerCLI(tmp_path)
+    with pytest.raises(FlowerCLIError) as err:
+        cli.unfinished_runs()
+    assert str(err.value).startswith("flwr ls failed: ") and "\n" not in str(err.value)
+    with pytest.raises(FlowerCLIError, match=r"^flwr supernode register failed: "):
+        cli.register_supernode(tmp_path / "no.pub")

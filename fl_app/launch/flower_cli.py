@@ -7,11 +7,11 @@ connection of one FLWR_HOME (`write_connection` writes it). Replies are read as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
 import subprocess
-import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -185,13 +185,16 @@ class FlowerCLI:
         return RunStatus(run_id, run.get("status", "unknown"), run.get("status-details", ""))
 
     def wait(self, run_id: int, timeout: float = 60) -> RunStatus:
-        """Poll until the run has finished (its log ends slightly before)."""
-        deadline = time.monotonic() + timeout
-        status = self.status(run_id)
-        while not status.finished and time.monotonic() < deadline:
-            time.sleep(1)
-            status = self.status(run_id)
-        return status
+        """Poll until the run has finished (its log ends slightly before); its last status."""
+        statuses: list[RunStatus] = []
+
+        def finished() -> bool:
+            statuses.append(self.status(run_id))
+            return statuses[-1].finished
+
+        with contextlib.suppress(processes.WaitTimeoutError):
+            processes.wait_until(finished, timeout, what=f"run {run_id} to finish", interval=1)
+        return statuses[-1]
 
     def stop(self, run_id: int) -> None:
         """Ask the SuperLink to stop a run (its ServerApp and ClientApps)."""
