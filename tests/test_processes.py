@@ -327,3 +327,20 @@ def test_a_failed_flwr_call_is_one_flower_cli_error_line(tmp_path):
     assert str(err.value).startswith("flwr ls failed: ") and "\n" not in str(err.value)
     with pytest.raises(FlowerCLIError, match=r"^flwr supernode register failed: "):
         cli.register_supernode(tmp_path / "no.pub")
+
+
+def test_stop_does_not_wait_for_a_zombie_nobody_reaps(started):
+    # The parent never waits for its child: once stopped, the child stays a zombie.
+    code = (
+        "import subprocess, sys, time;"
+        " child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        " print(child.pid, flush=True); time.sleep(60)"
+    )
+    parent = processes.start([PYTHON, "-c", code], capture=True)
+    started.append(parent)
+    child = psutil.Process(int(parent.stdout.readline()))
+
+    t0 = time.monotonic()
+    assert processes.stop([child], timeout=30) == []
+    assert time.monotonic() - t0 < 5
+    assert child.status() == psutil.STATUS_ZOMBIE and not processes.alive(child)

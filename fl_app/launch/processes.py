@@ -204,8 +204,12 @@ def stop(processes: Iterable[psutil.Process], timeout: float = 15) -> list[psuti
         for proc in remaining:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(sig)
-        _, remaining = psutil.wait_procs(remaining, timeout)
-        remaining = [p for p in remaining if alive(p)]
+        deadline = time.monotonic() + timeout
+        # In short waits: an orphan that exited stays a zombie where nothing reaps it
+        # (PID 1 of some containers), which psutil would wait for to the end.
+        while remaining and time.monotonic() < deadline:
+            _, remaining = psutil.wait_procs(remaining, min(0.2, timeout))
+            remaining = [p for p in remaining if alive(p)]
         if not remaining:
             break
     return remaining
