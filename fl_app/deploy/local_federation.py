@@ -178,13 +178,12 @@ class LocalFederation:
         except (OSError, json.JSONDecodeError):
             return None
 
-    def _running_state(self) -> dict[str, Any] | None:
-        """The state file, if a process it names as SuperLink or SuperNode still runs."""
-        state = self._read_state()
-        if state is None:
-            return None
-        tops = [state.get("superlink"), *state.get("supernodes", [])]
-        return state if any(_live(ProcessRecord.from_json(r)) for r in tops) else None
+    def _recorded(self) -> tuple[dict[str, Any], psutil.Process | None, list[psutil.Process]]:
+        """The state file, and those of its SuperLink and SuperNodes that still run."""
+        state = self._read_state() or {}
+        superlink = _live(ProcessRecord.from_json(state.get("superlink")))
+        nodes = [_live(ProcessRecord.from_json(r)) for r in state.get("supernodes", [])]
+        return state, superlink, [p for p in nodes if p is not None]
 
     def write_state(self) -> None:
         """Write the state file: processes, ports, FLWR_HOME, connection, logs."""
@@ -236,7 +235,8 @@ class LocalFederation:
         """
         if self.num_nodes < 0:
             raise DeploymentError(f"--nodes {self.num_nodes} is not allowed: expected >= 0")
-        if self._running_state() is not None:
+        _, superlink, nodes = self._recorded()
+        if superlink is not None or nodes:
             raise DeploymentError(
                 f"a federation is already up in {self.directory} (see {self.state_file});"
                 " take it down first"
@@ -398,14 +398,12 @@ class LocalFederation:
         """The SuperLink and SuperNodes to stop: ours, else the state file's still running."""
         if self.superlink is not None or self.nodes:
             return self.superlink, [n.proc for n in self.nodes if n.proc is not None]
-        state = self._read_state() or {}
+        state, superlink, nodes = self._recorded()
         self.cli = FlowerCLI(state.get("flwr_home", self.flwr_home), self.env)
-        superlink = _live(ProcessRecord.from_json(state.get("superlink")))
-        nodes = [_live(ProcessRecord.from_json(r)) for r in state.get("supernodes", [])]
-        tops = [p for p in [*nodes, superlink] if p is not None]
+        tops = [*nodes, *([superlink] if superlink is not None else [])]
         self.below.add(ProcessRecord.from_json(r) for r in state.get("descendants", []))
         self.below.add(ProcessRecord.of(p) for top in tops for p in processes.descendants(top))
-        return superlink, [p for p in nodes if p is not None]
+        return superlink, nodes
 
     def _mark_down(self) -> None:
         state = self._read_state()
