@@ -119,9 +119,10 @@ class TreeRSS:
 def baseline_app(root: Path) -> Path:
     """A copy of this app whose ClientApp is the quickstart-style baseline."""
     app_dir = root / "baseline-app"
-    shutil.copytree(
-        REPO / "fl_app", app_dir / "fl_app", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for package in ("fl_app", "benchmarks"):
+        shutil.copytree(
+            REPO / package, app_dir / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
     ours = 'clientapp = "fl_app.client_app:app"'
     pyproject = (REPO / "pyproject.toml").read_text()
     if ours not in pyproject:

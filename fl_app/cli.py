@@ -38,7 +38,7 @@ app.add_typer(bench, name="bench")
 
 # fl-app bench NAME -> benchmarks/<module>.py, whose main() reads sys.argv.
 BENCHMARKS = {
-    "client": ("bench", "our ClientApp against a quickstart-style one (issue 5's table)"),
+    "client": ("bench", "our ClientApp against a quickstart-style one: time, bytes, memory"),
     "edge": ("bench_edge", "cost of the model on an edge device: memory and images/s"),
     "deployment": ("bench_deployment", "per-round time of a deployment against a simulation"),
     "accuracy": ("accuracy_report", "federated against centralised accuracy"),

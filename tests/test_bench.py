@@ -1,4 +1,4 @@
-"""scripts/bench.py end to end at its smallest size: real `flwr run`s, every row reported.
+"""`fl-app bench client` end to end at its smallest size: real `flwr run`s, every row reported.
 
 Timings are never asserted (other processes share the cores); only that every row
 of the table is there with finite numbers.
@@ -30,7 +30,7 @@ ROWS = [
 def test_smallest_bench_prints_and_writes_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--smallest", "--json", str(out)],
+        [sys.executable, "-m", "fl_app.cli", "bench", "client", "--smallest", "--json", str(out)],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

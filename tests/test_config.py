@@ -199,3 +199,13 @@ def test_the_readme_configuration_table_is_the_schema():
     assert markdown_table() in readme, (
         "regenerate it: python -c 'import fl_app.config as c; print(c.markdown_table())'"
     )
+
+
+def test_config_launch_and_deploy_never_import_keras():
+    modules = ["fl_app.config", "fl_app.launch.experiment", "fl_app.deploy.local_federation"]
+    check = (
+        f"import sys; import {', '.join(modules)};"
+        " heavy = {'keras', 'tensorflow'} & set(sys.modules); assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

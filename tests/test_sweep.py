@@ -252,7 +252,7 @@ def test_folder_without_jobs_raises(tmp_path: Path) -> None:
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "scripts/summarize_sweep.py", *args],
+        [sys.executable, "-m", "fl_app.cli", "sweep", "summarize", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -30,7 +30,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fl_app.config import RunConfig, flower_key, hydra_path
 from fl_app.config import fields as config_fields
-from fl_app.launch.local_superlink import FlowerCLI, LocalSuperLink, RunStatus, write_connection
+from fl_app.launch.flower_cli import FlowerCLI, FlowerCLIError, RunStatus, write_connection
+from fl_app.launch.local_superlink import LocalSuperLink
 from fl_app.launch.sweep import summarize_sweep
 
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -222,7 +223,8 @@ def _run_job(cfg: DictConfig, output_dir: Path) -> None:
         # The simulation's SuperLink context already stopped its runs; a deployment
         # SuperLink is not ours to stop, but our run on it is.
         if fed.kind != "simulation" and cli is not None and run_id is not None:
-            cli.stop(run_id)
+            with contextlib.suppress(FlowerCLIError):  # it may have ended meanwhile
+                cli.stop(run_id)
         raise
     finally:
         _write_status(output_dir, outcome, run_id, status, time.monotonic() - started)

@@ -13,13 +13,9 @@ from fl_app.launch import processes
 from fl_app.launch.flower_cli import (
     FlowerCLI,
     FlowerCLIError,
-    RunStatus,
     superlink_healthy,
     write_connection,
 )
-
-# The launcher imports the CLI names from here too.
-__all__ = ["FLOWER_SUPERLINK", "FlowerCLI", "LocalSuperLink", "RunStatus", "write_connection"]
 
 FLOWER_SUPERLINK = str(processes.BIN / "flower-superlink")
 
