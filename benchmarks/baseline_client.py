@@ -13,11 +13,17 @@ from __future__ import annotations
 import time
 
 import keras
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 # The same node data and per-round seeds as our client.
-from fl_app.client_app import node_data, run_config, seed_round
+from fl_app.client_app import (
+    evaluate_reply,
+    node_data,
+    run_config,
+    seed_round,
+    train_reply,
+)
 from fl_app.config import RunConfig
 from fl_app.data import NUM_CLASSES
 from fl_app.model.classifier import (
@@ -59,17 +65,7 @@ def train(msg: Message, context: Context) -> Message:
         data.x, data.y, epochs=config.local_epochs, batch_size=config.batch_size, verbose=0
     )
     train_time = time.perf_counter() - start
-    reply = to_arrayrecord(model)
-    metrics = MetricRecord(
-        {
-            "num-examples": len(data.y),
-            "train_loss": float(history.history["loss"][-1]),
-            "train_accuracy": float(history.history["accuracy"][-1]),
-            "train_time": train_time,
-            "client_time": time.perf_counter() - received,
-        }
-    )
-    return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
+    return train_reply(msg, to_arrayrecord(model), len(data.y), history, train_time, received)
 
 
 @app.evaluate()
@@ -80,7 +76,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _fresh_model(msg.content["arrays"], data.x.shape[1:], config, HEAD)
     compile_model(model, 0.0)
     loss, accuracy = model.evaluate(data.x, data.y, batch_size=config.batch_size, verbose=0)
-    metrics = MetricRecord(
-        {"num-examples": len(data.y), "eval_loss": float(loss), "eval_accuracy": float(accuracy)}
-    )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return evaluate_reply(msg, len(data.y), loss, accuracy)

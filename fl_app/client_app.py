@@ -261,6 +261,39 @@ def seed_round(config: RunConfig, context: Context, server_round: int) -> None:
     )
 
 
+def train_reply(
+    msg: Message,
+    arrays: ArrayRecord,
+    num_examples: int,
+    history: keras.callbacks.History,
+    train_time: float,
+    received: float,
+) -> Message:
+    """The reply to a train message: the arrays and the metrics the strategy checks.
+
+    ``received`` is the `time.perf_counter` at which the message arrived, so
+    ``client_time`` is everything this node spent on it.
+    """
+    metrics = MetricRecord(
+        {
+            "num-examples": num_examples,
+            "train_loss": float(history.history["loss"][-1]),
+            "train_accuracy": float(history.history["accuracy"][-1]),
+            "train_time": train_time,
+            "client_time": time.perf_counter() - received,
+        }
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def evaluate_reply(msg: Message, num_examples: int, loss: float, accuracy: float) -> Message:
+    """The reply to an evaluate message: the metrics the strategy checks."""
+    metrics = MetricRecord(
+        {"num-examples": num_examples, "eval_loss": float(loss), "eval_accuracy": float(accuracy)}
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local training split."""
@@ -309,17 +342,7 @@ def train(msg: Message, context: Context) -> Message:
             for key, array in msg.content["arrays"].items()
         }
     )
-    metrics = MetricRecord(
-        {
-            "num-examples": len(data.train.y),
-            "train_loss": float(history.history["loss"][-1]),
-            "train_accuracy": float(history.history["accuracy"][-1]),
-            "train_time": train_time,
-            # Everything this node spent on the round's training message.
-            "client_time": time.perf_counter() - received,
-        }
-    )
-    return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
+    return train_reply(msg, reply, len(data.train.y), history, train_time, received)
 
 
 @app.evaluate()
@@ -342,7 +365,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not model.compiled:
         compile_model(model, 0.0)
     loss, accuracy = model.evaluate(inputs, data.y, batch_size=config.batch_size, verbose=0)
-    metrics = MetricRecord(
-        {"num-examples": len(data.y), "eval_loss": float(loss), "eval_accuracy": float(accuracy)}
-    )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return evaluate_reply(msg, len(data.y), loss, accuracy)
