@@ -22,7 +22,9 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fl_app.config import RunConfig
-from fl_app.data import NUM_CLASSES, NodeData, Split, load_data_dir, load_node_data, split_node_data
+from fl_app.data import CLASSES_KEY, NodeData, load_data_dir, load_node_data, split_node_data
+from fl_app.data.batches import Batches, predict_rows, readable
+from fl_app.data.split import Split
 from fl_app.model.backbones import BACKBONES
 from fl_app.model.classifier import (
     build_head,
@@ -55,8 +57,8 @@ app = ClientApp(mods=[compression_mod])
 POOLED = "pooled"
 # Where a node keeps features and its base model across its ClientApp processes.
 DEFAULT_CACHE_DIR = Path("~/.cache/fl_app")
-# What the models depend on: raw image shape, input size, backbone.
-Shape = tuple[tuple[int, ...], int, str]
+# What the models depend on: raw image shape, input size, backbone, number of classes.
+Shape = tuple[tuple[int, ...], int, str, int]
 
 
 def run_config(context: Context) -> RunConfig:
@@ -67,8 +69,8 @@ def run_config(context: Context) -> RunConfig:
 @functools.cache
 def _model(shape: Shape) -> keras.Model:
     # Architecture only: the server sends the weights, so nodes never download any.
-    image_shape, input_size, backbone = shape
-    return build_model(NUM_CLASSES, image_shape, input_size, None, backbone)
+    image_shape, input_size, backbone, num_classes = shape
+    return build_model(num_classes, image_shape, input_size, None, backbone)
 
 
 @functools.cache
@@ -85,7 +87,7 @@ def _front(boundary: str, shape: Shape) -> keras.Model:
 
 def _back(boundary: str, shape: Shape) -> keras.Model:
     """What trains after ``boundary``; the head alone needs no backbone built."""
-    return _head(shape[2]) if boundary == POOLED else _split(shape)[1]
+    return _head(shape[2], shape[3]) if boundary == POOLED else _split(shape)[1]
 
 
 @functools.cache
@@ -99,8 +101,8 @@ def _extractor(shape: Shape) -> keras.Model:
 
 
 @functools.cache
-def _head(backbone: str) -> keras.Model:
-    head = build_head(NUM_CLASSES, BACKBONES[backbone].features)
+def _head(backbone: str, num_classes: int) -> keras.Model:
+    head = build_head(num_classes, BACKBONES[backbone].features)
     compile_model(head, 1e-3)  # always fully trainable: compiled once
     return head
 
@@ -181,28 +183,34 @@ def _received_model(msg: Message, context: Context) -> ArrayRecord:
     return assemble(base, arrays)
 
 
-def node_data(context: Context, config: RunConfig) -> NodeData:
-    """The training and validation data of this node (simulation partition or ``data-dir``)."""
+def classes(msg: Message) -> tuple[str, ...]:
+    """The run's class list, as the server sends it with every message."""
+    config = msg.content["config"]
+    if CLASSES_KEY not in config:
+        raise ValueError(f"the message carries no class list ('{CLASSES_KEY}' in its config)")
+    return tuple(str(name) for name in config[CLASSES_KEY])
+
+
+def node_data(context: Context, config: RunConfig, names: tuple[str, ...]) -> NodeData:
+    """The training and validation data of this node (simulation partition or ``data-dir``).
+
+    Labels are indices into ``names``, the run's class list.
+    """
     node = context.node_config
     if "data-dir" in node:
         # A deployed SuperNode's own data, named in its --node-config.
         return split_node_data(
-            load_data_dir(str(node["data-dir"])),
+            load_data_dir(str(node["data-dir"]), names, config.input_size),
             seed=config.seed,
             stream=0,
             max_examples=config.max_examples_per_node,
             val_fraction=config.val_fraction,
         )
-    return load_node_data(
-        dataset=config.dataset,
-        partition_id=int(node["partition-id"]),
-        num_partitions=int(node["num-partitions"]),
-        partitioner=config.partitioner,
-        alpha=config.dirichlet_alpha,
-        seed=config.seed,
-        max_examples=config.max_examples_per_node,
-        val_fraction=config.val_fraction,
-    )
+    return load_node_data(config, names, int(node["partition-id"]), int(node["num-partitions"]))
+
+
+def _shape(split: Split, config: RunConfig, num_classes: int) -> Shape:
+    return (split.image_shape, config.input_size, config.backbone, num_classes)
 
 
 def _global_model(arrays: ArrayRecord, shape: Shape) -> keras.Model:
@@ -224,6 +232,7 @@ def _activations(
     msg: Message,
     arrays: ArrayRecord,
     split: Split,
+    shape: Shape,
     config: RunConfig,
     cache: FeatureCache,
     boundary: str,
@@ -231,19 +240,38 @@ def _activations(
 ) -> np.ndarray | None:
     """Activations of ``split`` at ``boundary`` under the received weights, from the cache.
 
-    On a miss they are computed (when ``compute``) with the full model and stored.
+    On a miss they are computed (when ``compute``) a batch at a time and stored,
+    unless they would not fit the cache: then ``None``, and training streams
+    images through the whole model. Rows of unreadable images are NaN.
     """
     frozen = _frozen_id(msg, arrays, boundary, config.backbone)
-    key = feature_key(frozen, split.x, config.input_size, boundary)
+    key = feature_key(frozen, split.digest(), config.input_size, boundary)
     activations = cache.get(key)
-    if activations is None and compute:
-        shape = (split.x.shape[1:], config.input_size, config.backbone)
+    if activations is None and compute and len(split):
         _global_model(arrays, shape)
-        activations = _front(boundary, shape).predict(
-            split.x, batch_size=config.batch_size, verbose=0
-        )
+        front = _front(boundary, shape)
+        size = len(split) * int(np.prod(front.output.shape[1:])) * 4
+        if size > cache.max_bytes:
+            log(
+                INFO,
+                "Activations at %s would take %d MB > feature-cache-mb=%d: images are "
+                "streamed through the whole model instead",
+                boundary,
+                size // 2**20,
+                cache.max_bytes // 2**20,
+            )
+            return None
+        activations = predict_rows(front, split, config.batch_size)
         cache.put(key, activations)
     return activations
+
+
+def _cached_inputs(activations: np.ndarray, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """The activations and labels of the rows whose images were readable."""
+    ok = readable(activations)
+    if ok.all():
+        return activations, split.y
+    return activations[ok], split.y[ok]
 
 
 def _load(model: keras.Model, arrays: ArrayRecord) -> keras.Model:
@@ -252,9 +280,9 @@ def _load(model: keras.Model, arrays: ArrayRecord) -> keras.Model:
     return model
 
 
-def seed_round(config: RunConfig, context: Context, server_round: int) -> None:
-    """Seed Keras for one node's round, so that local training repeats."""
-    keras.utils.set_random_seed(
+def round_seed(config: RunConfig, context: Context, server_round: int) -> int:
+    """The seed of one node's round: its shuffles and Keras' random draws repeat."""
+    return (
         config.seed * 100_003
         + server_round * 1_009
         + int(context.node_config.get("partition-id", 0))
@@ -268,11 +296,13 @@ def train_reply(
     history: keras.callbacks.History,
     train_time: float,
     received: float,
+    skipped: int = 0,
 ) -> Message:
     """The reply to a train message: the arrays and the metrics the strategy checks.
 
     ``received`` is the `time.perf_counter` at which the message arrived, so
-    ``client_time`` is everything this node spent on it.
+    ``client_time`` is everything this node spent on it; ``skipped`` counts the
+    images that could not be read.
     """
     metrics = MetricRecord(
         {
@@ -281,15 +311,23 @@ def train_reply(
             "train_accuracy": float(history.history["accuracy"][-1]),
             "train_time": train_time,
             "client_time": time.perf_counter() - received,
+            "skipped_images": skipped,
         }
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
-def evaluate_reply(msg: Message, num_examples: int, loss: float, accuracy: float) -> Message:
+def evaluate_reply(
+    msg: Message, num_examples: int, loss: float, accuracy: float, skipped: int = 0
+) -> Message:
     """The reply to an evaluate message: the metrics the strategy checks."""
     metrics = MetricRecord(
-        {"num-examples": num_examples, "eval_loss": float(loss), "eval_accuracy": float(accuracy)}
+        {
+            "num-examples": num_examples,
+            "eval_loss": float(loss),
+            "eval_accuracy": float(accuracy),
+            "skipped_images": skipped,
+        }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
@@ -299,26 +337,36 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local training split."""
     received = time.perf_counter()
     config = run_config(context)
-    data = node_data(context, config)
+    names = classes(msg)
+    data = node_data(context, config, names)
+    if not len(data.train):
+        raise ValueError("this node has no training examples")
     arrays = _received_model(msg, context)
     # The server decides the phase and learning rate per round; the rest is run config.
     phase = str(msg.content["config"]["phase"])
     learning_rate = float(msg.content["config"]["learning-rate"])
-    shape = (data.train.x.shape[1:], config.input_size, config.backbone)
+    seed = round_seed(config, context, int(msg.content["config"]["server-round"]))
+    shape = _shape(data.train, config, len(names))
     cache = _feature_cache(config, context)
     if cache is not None and config.augmentation != "none":
         # Augmented images give new activations every epoch: nothing to reuse.
         log(INFO, "augmentation=%s: the activation cache is bypassed", config.augmentation)
         cache = None
     boundary = _boundary(config, phase) if cache is not None else None
+    activations = None
     if boundary is not None:
-        inputs = _activations(msg, arrays, data.train, config, cache, boundary, compute=True)
+        args = (msg, arrays, data.train, shape, config, cache, boundary)
+        activations = _activations(*args, compute=True)
+    if activations is not None:
+        inputs, labels = _cached_inputs(activations, data.train)
         # Validation activations too, so this round's evaluation finds them.
-        has_val = len(data.val.y) > 0
-        _activations(msg, arrays, data.val, config, cache, boundary, compute=has_val)
+        _activations(msg, arrays, data.val, shape, config, cache, boundary, compute=True)
         model = _load(_back(boundary, shape), arrays)
+        fit = {"batch_size": config.batch_size}
     else:
-        inputs, model = data.train.x, _global_model(arrays, shape)
+        boundary = None
+        inputs, labels, fit = Batches(data.train, config.batch_size, seed), None, {}
+        model = _global_model(arrays, shape)
         if config.augmentation != "none":
             model = _augmented(shape, config.augmentation)
     # The backbone's layers are shared by every model but the lone head.
@@ -328,11 +376,9 @@ def train(msg: Message, context: Context) -> Message:
     if changed or not model.compiled:
         compile_model(model, learning_rate)
     reset_optimizer(model, learning_rate)
-    seed_round(config, context, int(msg.content["config"]["server-round"]))
+    keras.utils.set_random_seed(seed)
     start = time.perf_counter()
-    history = model.fit(
-        inputs, data.train.y, epochs=config.local_epochs, batch_size=config.batch_size, verbose=0
-    )
+    history = model.fit(inputs, labels, epochs=config.local_epochs, verbose=0, **fit)
     train_time = time.perf_counter() - start
     # Reply with the keys that came; only those the model trained can have changed.
     trained = {variable.path: variable for variable in model.weights}
@@ -342,27 +388,36 @@ def train(msg: Message, context: Context) -> Message:
             for key, array in msg.content["arrays"].items()
         }
     )
-    return train_reply(msg, reply, len(data.train.y), history, train_time, received)
+    skipped = data.train.skipped
+    return train_reply(
+        msg, reply, len(data.train) - skipped, history, train_time, received, skipped
+    )
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split."""
     config = run_config(context)
-    data = node_data(context, config).val
+    names = classes(msg)
+    data = node_data(context, config, names).val
+    if not len(data):
+        raise ValueError("this node has no validation examples")
     arrays = _received_model(msg, context)
     cache = _feature_cache(config, context)
-    shape = (data.x.shape[1:], config.input_size, config.backbone)
-    model, inputs = None, data.x
+    shape = _shape(data, config, len(names))
+    model, inputs, labels, batch = None, None, None, {}
     # Training put this round's validation activations in the cache, if it could.
     for boundary in _boundaries(config.backbone) if cache is not None else ():
-        activations = _activations(msg, arrays, data, config, cache, boundary, compute=False)
+        args = (msg, arrays, data, shape, config, cache, boundary)
+        activations = _activations(*args, compute=False)
         if activations is not None:
-            model, inputs = _load(_back(boundary, shape), arrays), activations
+            inputs, labels = _cached_inputs(activations, data)
+            model, batch = _load(_back(boundary, shape), arrays), {"batch_size": config.batch_size}
             break
     if model is None:
-        model = _global_model(arrays, shape)
+        model, inputs = _global_model(arrays, shape), Batches(data, config.batch_size)
     if not model.compiled:
         compile_model(model, 0.0)
-    loss, accuracy = model.evaluate(inputs, data.y, batch_size=config.batch_size, verbose=0)
-    return evaluate_reply(msg, len(data.y), loss, accuracy)
+    loss, accuracy = model.evaluate(inputs, labels, verbose=0, **batch)
+    skipped = data.skipped
+    return evaluate_reply(msg, len(data) - skipped, loss, accuracy, skipped)

@@ -14,6 +14,7 @@ process starts, and the ServerApp and ClientApp parse their run config with it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import string
 import typing
 from collections.abc import Callable, Mapping
@@ -31,6 +32,15 @@ COMPRESSIONS = ("none", "float16", "int8")
 # datasets whose mirror images are the same class, a left-right flip.
 AUGMENTATIONS = ("none", "shift", "flip-shift")
 WEIGHT_FILE_SUFFIXES = (".keras", ".weights.h5", ".h5")
+# A Hugging Face hub dataset id: owner/name.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+DATASET_ALLOWED = (
+    f"{', '.join(DATASETS)}, a folder (class subfolders of images, parquet files or a "
+    "save_to_disk dataset), or a Hugging Face hub id such as uoft-cs/cifar10"
+)
+# `test-data` values besides a dataset: the dataset's own test split, or none.
+OWN_TEST_SPLIT, NO_TEST_DATA = "", "none"
+CLASSES_FILE_SUFFIX = ".txt"
 RESULTS_DIR_FIELDS = ("time", "run_id")
 # The Hydra group of keys the launcher sets per job rather than the user.
 LAUNCHER = "launcher"
@@ -66,6 +76,55 @@ ANY = Rule(lambda v: True, "")
 def _weights_ok(value: str) -> bool:
     # Whether the file exists is checked where it is read (`RunConfig.parse`'s check_files).
     return value in ("imagenet", "none") or value.endswith(WEIGHT_FILE_SUFFIXES)
+
+
+def is_path(value: str) -> bool:
+    """Whether a dataset value is written as a path rather than a name or hub id."""
+    return value.startswith(("/", "~", ".")) or "\\" in value
+
+
+def _dataset_ok(value: str) -> bool:
+    return value in DATASETS or is_path(value) or HUB_ID.fullmatch(value) is not None
+
+
+def parse_classes(value: str) -> tuple[str, ...]:
+    """The class names of a ``classes`` value: ``"a,b,c"``, or a ``.txt`` file, one per line.
+
+    ``""`` (derive them from the dataset) gives ``()``. Raises ``ValueError`` with
+    one line when there are fewer than two or a name repeats.
+    """
+    if not value:
+        return ()
+    if value.endswith(CLASSES_FILE_SUFFIX):
+        path = Path(value).expanduser()
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except OSError as err:
+            raise ValueError(
+                f"classes={value!r} cannot be read ({err.strerror}): expected a file of class "
+                "names, one per line"
+            ) from err
+    else:
+        names = [name.strip() for name in value.split(",")]
+    names = [name for name in names if name]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if len(names) < 2 or repeated:
+        problem = f"{repeated[0]!r} repeats" if repeated else f"{len(names)} name(s)"
+        raise ValueError(
+            f"classes={value!r} is not allowed ({problem}): expected at least two distinct "
+            "names, comma-separated or one per line of a .txt file"
+        )
+    return tuple(names)
+
+
+def _classes_ok(value: str) -> bool:
+    if value.endswith(CLASSES_FILE_SUFFIX):
+        return True  # read where the classes are decided (`RunConfig.parse`'s check_files)
+    try:
+        parse_classes(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _template_ok(value: str) -> bool:
@@ -196,11 +255,42 @@ class RunConfig:
     # Data.
     dataset: str = key(
         "fashion_mnist",
-        "`fashion_mnist`, `mnist`, `cifar10` (a simulation's data; deployed nodes"
-        " bring their own).",
-        one_of(DATASETS),
+        "A simulation's data (deployed nodes bring their own): `fashion_mnist`, `mnist`, "
+        "`cifar10`, an absolute folder path (class subfolders of PNG/JPEG images, optionally "
+        "under `train/` and `test/`; parquet files; a `save_to_disk` dataset), or a Hugging Face "
+        "hub id such as `uoft-cs/cifar10`.",
+        Rule(_dataset_ok, DATASET_ALLOWED),
         "dataset",
         "name",
+    )
+    classes: str = key(
+        "",
+        "The run's class names, which fix each class's output index on every node: "
+        "`normal,pneumonia` or a `.txt` file with one per line; empty: the dataset's own.",
+        Rule(_classes_ok, "at least two distinct names, comma-separated, or a .txt file"),
+        "dataset",
+    )
+    image_column: str = key(
+        "",
+        "Hugging Face datasets: the image column (empty: the one `Image` column).",
+        group="dataset",
+    )
+    label_column: str = key(
+        "",
+        "Hugging Face datasets: the label column (empty: the one `ClassLabel` column, else "
+        "`label`).",
+        group="dataset",
+    )
+    test_data: str = key(
+        OWN_TEST_SPLIT,
+        "The server's test set for centralised evaluation: empty = the dataset's test split if "
+        "it has one, `none`, or a dataset as for `dataset`; without one, `best.keras` follows "
+        "federated evaluation.",
+        Rule(
+            lambda v: v in (OWN_TEST_SPLIT, NO_TEST_DATA) or _dataset_ok(v),
+            f"empty, none, {DATASET_ALLOWED}",
+        ),
+        "dataset",
     )
     partitioner: str = key(
         "iid",
@@ -230,7 +320,7 @@ class RunConfig:
     )
     max_test_examples: int = key(
         2000,
-        "Server test set size (0 = all 10,000).",
+        "Cap on the server's test set (0 = all).",
         at_least(0),
         "dataset",
     )
@@ -285,7 +375,19 @@ class RunConfig:
                 f"{name('val-fraction')}=0 leaves nodes nothing to evaluate on: "
                 f"expected {name('val-fraction')} > 0 or {name('fraction-evaluate')}=0"
             )
-        if check_files and self.weights_file is not None and not self.weights_file.is_file():
+        if not check_files:
+            return
+        for spec_name, value in (("dataset", self.dataset), ("test-data", self.test_data)):
+            if is_path(value) and not Path(value).expanduser().is_dir():
+                raise ValueError(
+                    f"{name(spec_name)}={value!r} is not allowed: {value} is not a folder"
+                )
+        if self.classes:
+            try:
+                parse_classes(self.classes)
+            except ValueError as err:
+                raise ValueError(str(err).replace("classes=", f"{name('classes')}=", 1)) from None
+        if self.weights_file is not None and not self.weights_file.is_file():
             raise ValueError(
                 f"{name('weights')}={self.weights!r} is not allowed: expected "
                 "imagenet, none, or an existing .keras/.weights.h5/.h5 weights file"

@@ -33,6 +33,9 @@ class RunFolder:
         Extra top-level entries of ``metrics.json`` (e.g. how the weights started).
     tensorboard : bool
         Also write each round's numbers as TensorBoard scalars, when TensorBoard is there.
+    best_by : str
+        The round record's accuracy that picks ``best.keras``: ``server_accuracy``
+        (centralised evaluation) or ``eval_accuracy`` (federated evaluation).
     """
 
     def __init__(
@@ -41,23 +44,25 @@ class RunFolder:
         save_model: SaveModel,
         run_info: Mapping[str, Any] | None = None,
         tensorboard: bool = False,
+        best_by: str = "server_accuracy",
     ) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.save_model = save_model
         self.run_info = dict(run_info or {})
         self.rounds: list[dict[str, Any]] = []
+        self.best_by = best_by
         self.best_accuracy = -math.inf
         self._tensorboard = _tensorboard_writer(self.path) if tensorboard else None
 
     def record(self, record: dict[str, Any], arrays: ArrayRecord) -> None:
         """Add a finished round (``record["round"]``; 0 is the start) and log its summary."""
         self.rounds.append(record)
-        accuracy = record.get("server_accuracy")
+        accuracy = record.get(self.best_by)
         is_best = accuracy is not None and accuracy > self.best_accuracy
         if is_best:
             self.best_accuracy = accuracy
-            self.run_info["best"] = {"round": record["round"], "server_accuracy": accuracy}
+            self.run_info["best"] = {"round": record["round"], self.best_by: accuracy}
             self.save(arrays, "best.keras")
         self.write_metrics("running")
         if self._tensorboard is not None:
@@ -99,6 +104,8 @@ def summary(record: Mapping[str, Any], is_best: bool) -> str:
         parts.append(f"sent {sent:.1f} MB, received {received:.1f} MB")
     if record.get("rejected_replies"):
         parts.append(f"{record['rejected_replies']} replies rejected")
+    if record.get("skipped_images"):
+        parts.append(f"{record['skipped_images']} unreadable images skipped")
     return " | ".join(parts) or "no metrics"
 
 

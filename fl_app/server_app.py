@@ -13,17 +13,20 @@ from pathlib import Path
 
 import flwr
 import keras
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_app.config import RunConfig
-from fl_app.data import NUM_CLASSES, Split, load_test_set
+from fl_app.config import DATASETS, RunConfig
+from fl_app.data import CLASSES_KEY, load_test_set, model_image_shape, run_classes
+from fl_app.data.batches import Batches
+from fl_app.data.split import Split
 from fl_app.model.backbones import BACKBONES
 from fl_app.model.classifier import (
     build_model,
     compile_model,
     load_arrayrecord,
+    save_classifier,
     to_arrayrecord,
     trainable_keys,
 )
@@ -33,9 +36,13 @@ from fl_app.strategy import TransferFedAvg
 from fl_app.wire.exchange import ServerExchange
 
 app = ServerApp()
+# The input size ImageNet backbones were trained at: what photos want.
+PHOTO_INPUT_SIZE = 224
 
 
-def initial_model(config: RunConfig, image_shape: tuple[int, ...]) -> tuple[keras.Model, str]:
+def initial_model(
+    config: RunConfig, image_shape: tuple[int, ...], num_classes: int
+) -> tuple[keras.Model, str]:
     """Build the global model and say how its weights started.
 
     Returns the model and ``"imagenet"``, ``"random"`` or ``"file:<path>"``.
@@ -48,7 +55,7 @@ def initial_model(config: RunConfig, image_shape: tuple[int, ...]) -> tuple[kera
     weights, strict, backbone = config.weights, config.strict_weights, config.backbone
 
     def build(backbone_weights: str | None = None) -> keras.Model:
-        return build_model(NUM_CLASSES, image_shape, config.input_size, backbone_weights, backbone)
+        return build_model(num_classes, image_shape, config.input_size, backbone_weights, backbone)
 
     if weights == "none":
         return build(), "random"
@@ -82,16 +89,16 @@ def initial_model(config: RunConfig, image_shape: tuple[int, ...]) -> tuple[kera
 def _evaluator(model: keras.Model, test: Split, batch_size: int):
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_arrayrecord(model, arrays)
-        loss, accuracy = model.evaluate(test.x, test.y, batch_size=batch_size, verbose=0)
+        loss, accuracy = model.evaluate(Batches(test, batch_size), verbose=0)
         return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
 
     return evaluate
 
 
-def _saver(model: keras.Model):
+def _saver(model: keras.Model, classes: tuple[str, ...]):
     def save(arrays: ArrayRecord, path: Path) -> None:
         load_arrayrecord(model, arrays)
-        model.save(path)
+        save_classifier(model, path, classes)
 
     return save
 
@@ -101,12 +108,38 @@ def main(grid: Grid, context: Context) -> None:
     """Run federated transfer learning and write the run folder."""
     try:
         config = RunConfig.parse(context.run_config)
+        classes = run_classes(config)
+        test, test_source = load_test_set(config, classes)
     except ValueError as err:
         log(ERROR, "Invalid run config: %s", err)
         raise
+    log(INFO, "%d classes: %s", len(classes), ", ".join(classes))
+    if test is not None:
+        best_by = "server_accuracy"
+        log(INFO, "Centralised evaluation on %s; best.keras follows its accuracy", test_source)
+    else:
+        best_by = "eval_accuracy"
+        log(
+            INFO,
+            "No server test set (%s): centralised evaluation is skipped; best.keras follows "
+            "the federated evaluation accuracy",
+            test_source,
+        )
+        if config.fraction_evaluate == 0:
+            log(WARNING, "fraction-evaluate=0 and no test set: no best.keras, only final.keras")
     keras.utils.set_random_seed(config.seed)
-    test = load_test_set(config.dataset, config.max_test_examples)
-    model, init = initial_model(config, test.x.shape[1:])
+    image_shape = model_image_shape(config, test)
+    if config.input_size < PHOTO_INPUT_SIZE and config.dataset not in DATASETS:
+        log(
+            WARNING,
+            "input-size=%d: images are shrunk to %d px; ImageNet backbones see photos best at "
+            "%d (input-size=%d, or the Hydra preset dataset=images)",
+            config.input_size,
+            config.input_size,
+            PHOTO_INPUT_SIZE,
+            PHOTO_INPUT_SIZE,
+        )
+    model, init = initial_model(config, image_shape, len(classes))
     compile_model(model, config.learning_rate)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -119,6 +152,7 @@ def main(grid: Grid, context: Context) -> None:
             {
                 "run_id": context.run_id,
                 "run_config": config.to_flower(),
+                "classes": list(classes),
                 "init": init,
                 "versions": {"flwr": flwr.__version__, "keras": keras.__version__},
             },
@@ -128,7 +162,13 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = TransferFedAvg(
         schedule=TransferSchedule.from_config(config),
-        folder=RunFolder(run_dir, _saver(model), {"init": init}, tensorboard=True),
+        folder=RunFolder(
+            run_dir,
+            _saver(model, classes),
+            {"init": init, "classes": list(classes), "best_by": best_by},
+            tensorboard=True,
+            best_by=best_by,
+        ),
         wire=ServerExchange(
             config.exchange, config.compression, trainable_keys(model, config.fine_tune_layers)
         ),
@@ -142,6 +182,8 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=to_arrayrecord(model),
         num_rounds=config.num_server_rounds,
-        evaluate_fn=_evaluator(model, test, config.batch_size),
+        train_config=ConfigRecord({CLASSES_KEY: list(classes)}),
+        evaluate_config=ConfigRecord({CLASSES_KEY: list(classes)}),
+        evaluate_fn=_evaluator(model, test, config.batch_size) if test is not None else None,
     )
     log(INFO, "Run finished: metrics, best.keras and final.keras are in %s", run_dir)

@@ -167,7 +167,7 @@ class TransferFedAvg(FedAvg):
         total = 0.0
         summed: list[np.ndarray] | None = None
         metric_records: list[RecordDict] = []
-        rejected = 0
+        rejected = skipped = 0
         for msg in replies:
             self.wire.confirm(msg)
             checked = self._check_train_reply(msg)
@@ -182,6 +182,8 @@ class TransferFedAvg(FedAvg):
                 )
                 continue
             metrics, update = checked
+            # Unreadable images a node left out: reported, not averaged.
+            skipped += int(metrics.get("skipped_images", 0))
             weight = float(metrics[self.weighted_by_key])
             # Sum in float64: float32 products would lose digits to cancellation.
             if summed is None:
@@ -195,7 +197,9 @@ class TransferFedAvg(FedAvg):
             )
 
         accepted = len(metric_records)
-        self._round.update(train_replies=accepted, rejected_replies=rejected)
+        self._round.update(
+            train_replies=accepted, rejected_replies=rejected, skipped_images=skipped
+        )
         if summed is None or accepted < self.min_train_nodes:
             log(
                 WARNING,

@@ -28,7 +28,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fl_app.config import RunConfig, flower_key, hydra_path
+from fl_app.config import DATASETS, RunConfig, flower_key, hydra_path
 from fl_app.config import fields as config_fields
 from fl_app.launch.flower_cli import FlowerCLI, FlowerCLIError, RunStatus, write_connection
 from fl_app.launch.local_superlink import LocalSuperLink
@@ -37,6 +37,8 @@ from fl_app.launch.sweep import summarize_sweep
 APP_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = APP_DIR / "conf"
 FEDERATION_KINDS = ("simulation", "deployment")
+# Run-config keys that may name a file or folder on the launcher's machine.
+PATH_KEYS = ("dataset", "test-data", "classes")
 
 log = logging.getLogger(__name__)
 # Outcome of every job this process ran; the exit code is read from it.
@@ -98,10 +100,22 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
                 f"{unknown[0]} is not a key of the experiment config: see "
                 "`python -m fl_app.launch.experiment --cfg job` for the keys there are"
             )
-    run_config = {key: OmegaConf.select(cfg, path) for key, path in paths.items()}
+    run_config = _absolute({key: OmegaConf.select(cfg, path) for key, path in paths.items()})
     # results-dir is the launcher's, set per job; validate the rest.
     RunConfig.parse({**run_config, "results-dir": "."}, name=lambda key: paths.get(key, key))
     _check_federation(cfg.federation)
+    return run_config
+
+
+def _absolute(run_config: dict[str, Any]) -> dict[str, Any]:
+    """Relative dataset and class-list paths, made absolute here.
+
+    The SuperLink's processes do not run where the launcher was started.
+    """
+    for key in PATH_KEYS:
+        value = run_config[key]
+        if isinstance(value, str) and value not in DATASETS and Path(value).expanduser().exists():
+            run_config[key] = str(Path(value).expanduser().resolve())
     return run_config
 
 

@@ -7,6 +7,12 @@ file all see the same preprocessing.
 
 from __future__ import annotations
 
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import keras
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -19,6 +25,8 @@ from fl_app.model.backbones import BACKBONES, EFFICIENTNET_LITE0, MIN_INPUT_SIZE
 from fl_app.schedule import FINE_TUNE, HEAD, PHASES
 
 POOL = "avg_pool"
+# The entry of a saved .keras file (a zip) that names the model's classes in output order.
+CLASSES_ENTRY = "fl_app.json"
 HEAD_LAYERS = ("head_dense", "predictions")
 
 
@@ -280,3 +288,33 @@ def load_arrayrecord(model: keras.Model, arrays: ArrayRecord) -> None:
 def trainable_parameter_count(model: keras.Model) -> int:
     """Number of scalar parameters that training updates."""
     return int(sum(np.prod(v.shape) for v in model.trainable_weights))
+
+
+class Classifier(NamedTuple):
+    """A saved classifier and the class name of each of its outputs."""
+
+    model: keras.Model
+    classes: tuple[str, ...]
+
+
+def save_classifier(model: keras.Model, path: str | os.PathLike, classes: Sequence[str]) -> None:
+    """``model.save(path)``, with the class names written into the same ``.keras`` file.
+
+    Keras ignores the extra zip entry; `load_classifier` reads it back.
+    """
+    if len(classes) != model.output.shape[-1]:
+        raise ValueError(f"{len(classes)} class names for {model.output.shape[-1]} outputs")
+    model.save(path)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(CLASSES_ENTRY, json.dumps({"classes": list(classes)}, ensure_ascii=False))
+
+
+def load_classifier(path: str | os.PathLike) -> Classifier:
+    """Load a ``.keras`` model and its class names (``"0"``, ``"1"``, ... when it has none)."""
+    model = keras.models.load_model(path, compile=False)
+    with zipfile.ZipFile(path) as archive:
+        if CLASSES_ENTRY in archive.namelist():
+            classes = tuple(json.loads(archive.read(CLASSES_ENTRY))["classes"])
+        else:
+            classes = tuple(str(i) for i in range(model.output.shape[-1]))
+    return Classifier(model, classes)

@@ -1,0 +1,160 @@
+"""Image files: decoding any PNG/JPEG to the model's input, and class-folder trees.
+
+A tree is ``<root>/<class>/**/*.{png,jpg,jpeg}``, or that under ``<root>/train``
+and ``<root>/test`` (the layout of Keras' and Hugging Face's image folders). A
+folder's name is its class name, matched exactly against the run's global class
+list: a node that lacks some classes still labels the rest as every other node
+does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common import log
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Subfolders that make a tree a train/test layout instead of class folders.
+SPLIT_FOLDERS = ("train", "test")
+# What Pillow raises for a file that is not a whole, decodable image.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def to_array(image: Image.Image, size: int | None, channels: int) -> np.ndarray:
+    """One image as ``uint8`` ``(size, size, channels)``, from any mode Pillow opens.
+
+    16-bit and 32-bit grey (``I;16``, ``I``, ``F``) are scaled to 8 bits, palette
+    and alpha images are flattened to RGB or grey, EXIF rotation is applied, and
+    the image is squashed to a square (as Keras' ``image_dataset_from_directory``
+    does by default). ``size`` ``None`` keeps the image's own size.
+    """
+    if size is not None and image.format == "JPEG":
+        # Lets libjpeg decode a large photo at a fraction of its size: far cheaper.
+        image.draft("RGB" if channels == 3 else "L", (size, size))
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, np.float64)
+        top = 65535.0 if image.mode != "F" else max(float(values.max()), 1.0)
+        image = Image.fromarray(np.clip(values * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    image = image.convert("RGB" if channels == 3 else "L")
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(image, np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def read_image(path: str | os.PathLike, size: int | None, channels: int) -> np.ndarray:
+    """Decode one image file with `to_array`; raises one of ``DECODE_ERRORS``."""
+    with Image.open(path) as image:
+        return to_array(image, size, channels)
+
+
+def warn_unreadable(name: Any, err: BaseException) -> None:
+    """The one warning line for an image that is skipped."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    log(WARNING, "Skipped unreadable image %s (%s)", name, reason)
+
+
+class FileSource:
+    """Image files with their global labels, decoded a batch of rows at a time.
+
+    Parameters
+    ----------
+    paths : Sequence[str]
+        The image files.
+    labels : numpy.ndarray
+        Each file's global class index.
+    size : int
+        Side of the square images read (the model's ``input-size``).
+    channels : int
+        3 (RGB) or 1 (grey).
+    """
+
+    def __init__(
+        self, paths: Sequence[str], labels: np.ndarray, size: int, channels: int = 3
+    ) -> None:
+        self.paths = np.asarray(paths, dtype=object)
+        self.labels = np.asarray(labels, np.int64)
+        self.size, self.channels = size, channels
+        self.image_shape = (size, size, channels)
+        self.failed: set[int] = set()
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decode the files of ``rows``; an unreadable one is skipped with one warning."""
+        images, ok = [], np.zeros(len(rows), bool)
+        for i, row in enumerate(rows):
+            try:
+                images.append(read_image(self.paths[row], self.size, self.channels))
+                ok[i] = True
+            except DECODE_ERRORS as err:
+                if int(row) not in self.failed:
+                    self.failed.add(int(row))
+                    warn_unreadable(self.paths[row], err)
+        if not images:
+            return np.zeros((0, *self.image_shape), np.uint8), ok
+        return np.stack(images), ok
+
+    def digest(self, rows: np.ndarray) -> str:
+        """A digest of each file's path, size and modification time, and the decode size."""
+        digest = hashlib.blake2b(digest_size=20)
+        digest.update(f"files|{self.size}|{self.channels}".encode())
+        for row in rows:
+            path = self.paths[row]
+            try:
+                stat = os.stat(path)
+                digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{path}|missing\n".encode())
+        return digest.hexdigest()
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """``{"train": ..., "test": ...}`` of a tree: its train/test subfolders, or itself."""
+    names = {d.name for d in _subfolders(root)}
+    if "train" in names and names <= set(SPLIT_FOLDERS):
+        return {name: root / name for name in SPLIT_FOLDERS if name in names}
+    return {"train": root}
+
+
+def folder_classes(root: Path) -> list[str]:
+    """The sorted class-folder names of a tree (both splits of a train/test layout)."""
+    return sorted({d.name for split in split_folders(root).values() for d in _subfolders(split)})
+
+
+def scan_class_folders(
+    folder: Path, classes: Sequence[str], key: str = "data-dir"
+) -> tuple[list[str], np.ndarray]:
+    """The image files under ``folder/<class>/`` and their indices in ``classes``.
+
+    A subfolder whose name is not in ``classes`` is an error naming it and the
+    known classes; classes without a subfolder are simply absent. ``key`` is the
+    config key that named the folder, for the error message.
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    paths: list[str] = []
+    labels: list[int] = []
+    for class_dir in _subfolders(folder):
+        if class_dir.name not in index:
+            raise ValueError(
+                f"{key}: folder {str(class_dir)!r} is not a known class; the run's classes are: "
+                + ", ".join(classes)
+            )
+        files = sorted(
+            str(f)
+            for f in class_dir.rglob("*")
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
+        )
+        paths.extend(files)
+        labels.extend([index[class_dir.name]] * len(files))
+    return paths, np.asarray(labels, np.int64)
