@@ -266,12 +266,20 @@ def _activations(
     return activations
 
 
-def _cached_inputs(activations: np.ndarray, split: Split) -> tuple[np.ndarray, np.ndarray]:
-    """The activations and labels of the rows whose images were readable."""
+def _cached_split(activations: np.ndarray, split: Split) -> Split:
+    """The activations and labels of the rows whose images were readable, as a split.
+
+    Batched like the images themselves, so training on either sees the same order.
+    """
     ok = readable(activations)
     if ok.all():
-        return activations, split.y
-    return activations[ok], split.y[ok]
+        return Split.of_arrays(activations, split.y)
+    return Split.of_arrays(activations[ok], split.y[ok])
+
+
+def _skipped(data: Split, inputs: Split) -> int:
+    """Unreadable images of ``data``: those its cached activations lack, or met while reading."""
+    return len(data) - len(inputs) if inputs is not data else data.skipped
 
 
 def _load(model: keras.Model, arrays: ArrayRecord) -> keras.Model:
@@ -358,14 +366,12 @@ def train(msg: Message, context: Context) -> Message:
         args = (msg, arrays, data.train, shape, config, cache, boundary)
         activations = _activations(*args, compute=True)
     if activations is not None:
-        inputs, labels = _cached_inputs(activations, data.train)
+        inputs = _cached_split(activations, data.train)
         # Validation activations too, so this round's evaluation finds them.
         _activations(msg, arrays, data.val, shape, config, cache, boundary, compute=True)
         model = _load(_back(boundary, shape), arrays)
-        fit = {"batch_size": config.batch_size}
     else:
-        boundary = None
-        inputs, labels, fit = Batches(data.train, config.batch_size, seed), None, {}
+        boundary, inputs = None, data.train
         model = _global_model(arrays, shape)
         if config.augmentation != "none":
             model = _augmented(shape, config.augmentation)
@@ -378,7 +384,8 @@ def train(msg: Message, context: Context) -> Message:
     reset_optimizer(model, learning_rate)
     keras.utils.set_random_seed(seed)
     start = time.perf_counter()
-    history = model.fit(inputs, labels, epochs=config.local_epochs, verbose=0, **fit)
+    batches = Batches(inputs, config.batch_size, shuffle_seed=seed)
+    history = model.fit(batches, epochs=config.local_epochs, verbose=0)
     train_time = time.perf_counter() - start
     # Reply with the keys that came; only those the model trained can have changed.
     trained = {variable.path: variable for variable in model.weights}
@@ -388,7 +395,7 @@ def train(msg: Message, context: Context) -> Message:
             for key, array in msg.content["arrays"].items()
         }
     )
-    skipped = data.train.skipped
+    skipped = _skipped(data.train, inputs)
     return train_reply(
         msg, reply, len(data.train) - skipped, history, train_time, received, skipped
     )
@@ -405,19 +412,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     arrays = _received_model(msg, context)
     cache = _feature_cache(config, context)
     shape = _shape(data, config, len(names))
-    model, inputs, labels, batch = None, None, None, {}
+    model, inputs = None, data
     # Training put this round's validation activations in the cache, if it could.
     for boundary in _boundaries(config.backbone) if cache is not None else ():
         args = (msg, arrays, data, shape, config, cache, boundary)
         activations = _activations(*args, compute=False)
         if activations is not None:
-            inputs, labels = _cached_inputs(activations, data)
-            model, batch = _load(_back(boundary, shape), arrays), {"batch_size": config.batch_size}
+            inputs = _cached_split(activations, data)
+            model = _load(_back(boundary, shape), arrays)
             break
     if model is None:
-        model, inputs = _global_model(arrays, shape), Batches(data, config.batch_size)
+        model = _global_model(arrays, shape)
     if not model.compiled:
         compile_model(model, 0.0)
-    loss, accuracy = model.evaluate(inputs, labels, verbose=0, **batch)
-    skipped = data.skipped
+    loss, accuracy = model.evaluate(Batches(inputs, config.batch_size), verbose=0)
+    skipped = _skipped(data, inputs)
     return evaluate_reply(msg, len(data) - skipped, loss, accuracy, skipped)

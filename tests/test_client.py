@@ -18,7 +18,9 @@ from conftest import REPO, message_metadata
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fl_app import client_app
-from fl_app.data import NUM_CLASSES, PARTITION_FILE, load_node_data
+from fl_app.config import RunConfig
+from fl_app.data import CLASSES_KEY, PARTITION_FILE, load_node_data
+from fl_app.data.builtin import CLASS_NAMES
 from fl_app.model.classifier import build_model, is_head_variable, to_arrayrecord
 from fl_app.schedule import FINE_TUNE, HEAD
 from fl_app.wire.exchange import BASE, BASE_HASH, base_hash
@@ -34,6 +36,8 @@ RUN_CONFIG = {
     "fine-tune-layers": 32,  # ResNet50's conv5 block: fine-tuning trains on conv4's output
 }
 IMAGE_SHAPE = (28, 28, 1)
+FASHION = list(CLASS_NAMES["fashion_mnist"])
+NUM_CLASSES = len(FASHION)
 # A deployed node's partition.npz: 80 images, capped to 64, so 58 train and 6 validate.
 NODE_EXAMPLES, TRAIN_SIZE, VAL_SIZE = 80, 58, 6
 
@@ -41,12 +45,22 @@ NODE_EXAMPLES, TRAIN_SIZE, VAL_SIZE = 80, 58, 6
 def round_config(server_round: int = 1, phase: str = HEAD, learning_rate: float = 1e-3):
     """What the server decides per round: the train message's ConfigRecord.
 
-    Nothing else travels: batch size, local epochs and fine-tune layers are the
-    node's ``context.run_config``.
+    With the run's class list; nothing else travels: batch size, local epochs and
+    fine-tune layers are the node's ``context.run_config``.
     """
     return ConfigRecord(
-        {"server-round": server_round, "phase": phase, "learning-rate": learning_rate}
+        {
+            "server-round": server_round,
+            "phase": phase,
+            "learning-rate": learning_rate,
+            CLASSES_KEY: FASHION,
+        }
     )
+
+
+def evaluate_config(server_round: int = 1) -> ConfigRecord:
+    """The evaluate message's ConfigRecord: the round and the class list."""
+    return ConfigRecord({"server-round": server_round, CLASSES_KEY: FASHION})
 
 
 def message(
@@ -138,7 +152,9 @@ def test_train_metrics_are_finite_and_count_the_train_split(cached):
         "train_accuracy",
         "train_time",
         "client_time",
+        "skipped_images",
     }
+    assert metrics["skipped_images"] == 0
     assert metrics["num-examples"] == TRAIN_SIZE
     assert all(math.isfinite(value) for value in metrics.values())
     assert 0 < metrics["train_loss"] and 0 <= metrics["train_accuracy"] <= 1
@@ -154,11 +170,11 @@ def test_the_feature_cache_changes_no_reply_array(initial, node, cached):
 
 
 def test_evaluate_reports_loss_and_accuracy_on_the_validation_split(initial, node, cached):
-    msg = message(initial, ConfigRecord({"server-round": 1}), message_type=MessageType.EVALUATE)
+    msg = message(initial, evaluate_config(), message_type=MessageType.EVALUATE)
     # Training cached the validation features: evaluation runs the head on them.
     reply = client_app.evaluate(msg, context(node))
     metrics = reply.content["metrics"]
-    assert set(metrics) == {"num-examples", "eval_loss", "eval_accuracy"}
+    assert set(metrics) == {"num-examples", "eval_loss", "eval_accuracy", "skipped_images"}
     assert metrics["num-examples"] == VAL_SIZE
     assert math.isfinite(metrics["eval_loss"]) and metrics["eval_loss"] > 0
     assert 0 <= metrics["eval_accuracy"] <= 1
@@ -185,16 +201,9 @@ def test_fine_tune_phase_trains_conv5_and_the_head_but_not_batchnorm(initial, no
 
 def test_a_simulated_node_evaluates_its_partition(initial, tmp_path):
     partition = {"partition-id": 0, "num-partitions": 2}
-    msg = message(initial, ConfigRecord({"server-round": 1}), message_type=MessageType.EVALUATE)
+    msg = message(initial, evaluate_config(), message_type=MessageType.EVALUATE)
     reply = client_app.evaluate(msg, context({**partition, "cache-dir": str(tmp_path)}))
-    expected = load_node_data(
-        str(RUN_CONFIG["dataset"]),
-        0,
-        2,
-        seed=int(RUN_CONFIG["seed"]),
-        max_examples=int(RUN_CONFIG["max-examples-per-node"]),
-        val_fraction=float(RUN_CONFIG["val-fraction"]),
-    )
+    expected = load_node_data(RunConfig.parse(RUN_CONFIG, check_files=False), FASHION, 0, 2)
     assert reply.content["metrics"]["num-examples"] == len(expected.val.y) > 0
     assert math.isfinite(reply.content["metrics"]["eval_loss"])
 

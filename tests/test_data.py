@@ -7,18 +7,24 @@ import gzip
 import numpy as np
 import pytest
 
+from fl_app.config import RunConfig, defaults
 from fl_app.data import (
-    DEBIAN_FASHION_MNIST,
-    IDX_FILES,
     load_data_dir,
-    load_dataset,
     load_node_data,
     load_test_set,
     prepare_node_dirs,
-    read_idx,
+    run_classes,
     split_indices,
     split_node_data,
 )
+from fl_app.data.builtin import CLASS_NAMES, DEBIAN_FASHION_MNIST, IDX_FILES, load_builtin, read_idx
+
+FASHION = CLASS_NAMES["fashion_mnist"]
+
+
+def run_config(**values) -> RunConfig:
+    """The default run config with some keys (Flower names, ``_`` for ``-``) changed."""
+    return RunConfig.parse({**defaults(), **{k.replace("_", "-"): v for k, v in values.items()}})
 
 needs_fmnist = pytest.mark.skipif(
     not (DEBIAN_FASHION_MNIST / IDX_FILES["x_train"]).is_file(),
@@ -40,10 +46,14 @@ def test_idx_loader_reads_the_real_fashion_mnist_files():
 
 @needs_fmnist
 def test_fashion_mnist_loads_offline_with_a_channel_axis():
-    data = load_dataset("fashion_mnist")
+    data = load_builtin("fashion_mnist")
     assert data.train.x.shape == (60_000, 28, 28, 1)
     assert data.test.y.dtype == np.int64 and data.test.y.max() == 9
-    assert load_test_set("fashion_mnist", 300).x.shape == (300, 28, 28, 1)
+    config = run_config(max_test_examples=300)
+    assert run_classes(config) == FASHION
+    test, what = load_test_set(config, FASHION)
+    assert test.x.shape == (300, 28, 28, 1) and "fashion_mnist" in what
+    assert load_test_set(run_config(test_data="none"), FASHION)[0] is None
 
 
 def test_idx_loader_refuses_broken_files(tmp_path):
@@ -96,8 +106,9 @@ def test_dirichlet_is_skewed_and_reproducible():
 
 @needs_fmnist
 def test_node_data_is_capped_and_split_into_disjoint_train_and_validation():
-    a = load_node_data("fashion_mnist", 0, 4, "iid", seed=3, max_examples=200, val_fraction=0.25)
-    b = load_node_data("fashion_mnist", 1, 4, "iid", seed=3, max_examples=200, val_fraction=0.25)
+    config = run_config(seed=3, max_examples_per_node=200, val_fraction=0.25)
+    a = load_node_data(config, FASHION, 0, 4)
+    b = load_node_data(config, FASHION, 1, 4)
     assert len(a.train.y) == 150 and len(a.val.y) == 50
     assert a.train.x.shape[1:] == (28, 28, 1)
     # No image is shared between train and validation or between nodes.
@@ -109,20 +120,20 @@ def test_bad_names_and_values_are_refused_with_the_allowed_ones():
     with pytest.raises(
         ValueError, match="dataset='imagenet' is not one of: fashion_mnist, mnist, cifar10"
     ):
-        load_dataset("imagenet")
+        load_builtin("imagenet")
     with pytest.raises(ValueError, match="partitioner='shards' is not one of: iid, dirichlet"):
         split_indices(np.zeros(10), "shards", 2)
     with pytest.raises(ValueError, match="dirichlet-alpha=0 must be > 0"):
         split_indices(np.zeros(10), "dirichlet", 2, alpha=0)
     with pytest.raises(ValueError, match=r"partition-id=4 is out of range 0\.\.3"):
-        load_node_data("fashion_mnist", 4, 4)
+        load_node_data(run_config(), FASHION, 4, 4)
 
 
 @needs_fmnist
 def test_prepared_node_dirs_load_back_as_disjoint_partitions(tmp_path):
     folders = prepare_node_dirs(tmp_path, 3, max_examples=50, seed=4)
     assert [f.name for f in folders] == ["node-0", "node-1", "node-2"]
-    parts = [load_data_dir(f) for f in folders]
+    parts = [load_data_dir(f, FASHION, 32) for f in folders]
     assert all(p.x.shape == (50, 28, 28, 1) and p.x.dtype == np.uint8 for p in parts)
     seen = {x.tobytes() for p in parts for x in p.x}
     assert len(seen) >= 148  # disjoint rows (Fashion-MNIST repeats a few images)
@@ -130,21 +141,22 @@ def test_prepared_node_dirs_load_back_as_disjoint_partitions(tmp_path):
     assert len(node.train.y) == 30 and len(node.val.y) == 10
 
 
-def test_image_folders_load_with_labels_from_folder_names(tmp_path):
+def test_image_folders_are_labelled_by_their_name_in_the_run_classes(tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(5)
-    for label in (0, 3):
-        (tmp_path / str(label)).mkdir()
+    for name in ("Trouser", "Bag"):
+        (tmp_path / name).mkdir()
         for i in range(2):
             pixels = rng.integers(0, 256, (20, 24), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / str(label) / f"{i}.png")
-    (tmp_path / "3" / "notes.txt").write_text("not an image")
-    data = load_data_dir(tmp_path)
-    assert data.x.shape == (4, 20, 24, 1)
-    assert data.y.tolist() == [0, 0, 3, 3]
-    first = np.asarray(Image.open(tmp_path / "0" / "0.png"))
-    np.testing.assert_array_equal(data.x[0, ..., 0], first)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "Bag" / "notes.txt").write_text("not an image")
+    data = load_data_dir(tmp_path, FASHION, 32)
+    assert data.x.shape == (4, 32, 32, 3)
+    assert data.y.tolist() == [8, 8, 1, 1]  # Bag, Trouser: indices in the run's classes
+    first = Image.open(tmp_path / "Bag" / "0.png").convert("RGB")
+    first = first.resize((32, 32), Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(data.x[0], np.asarray(first))
 
 
 def _garbage_file(d):
@@ -174,5 +186,5 @@ def test_bad_data_dirs_are_refused_with_one_clear_line(tmp_path, make, message):
     if make is not None:
         make(folder)
     with pytest.raises((FileNotFoundError, ValueError), match=message) as err:
-        load_data_dir(folder)
+        load_data_dir(folder, FASHION, 32)
     assert "\n" not in str(err.value) and "data-dir=" in str(err.value)

@@ -267,7 +267,7 @@ def load_data_dir(data_dir: str | os.PathLike, classes: Sequence[str], input_siz
                 source = ArraySource(arrays["x"], arrays["y"])
         except (OSError, KeyError, ValueError) as err:
             raise ValueError(f"{key}: {PARTITION_FILE} cannot be read: {err}") from err
-        _check_arrays(source, len(classes), partition)
+        _check_arrays(source, len(classes), f"{key}: {PARTITION_FILE}")
     else:
         paths, labels = scan_class_folders(split_folders(root)["train"], classes, key)
         source = FileSource(paths, labels, input_size)
@@ -279,7 +279,7 @@ def load_data_dir(data_dir: str | os.PathLike, classes: Sequence[str], input_siz
     return Split(source)
 
 
-def _check_arrays(source: ArraySource, num_classes: int, path: Path) -> None:
+def _check_arrays(source: ArraySource, num_classes: int, path: str) -> None:
     x, y = source.x, source.labels
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(

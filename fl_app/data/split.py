@@ -33,7 +33,10 @@ class Source(Protocol):
 
 
 class ArraySource:
-    """Images already in memory as one ``uint8`` array (built-in datasets, ``partition.npz``)."""
+    """Arrays already in memory: images (built-in datasets, ``partition.npz``) or activations.
+
+    Images without a channel axis get one.
+    """
 
     def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
         self.x = x[..., None] if x.ndim == 3 else x
@@ -72,7 +75,7 @@ class Split:
 
     @classmethod
     def of_arrays(cls, x: np.ndarray, y: np.ndarray) -> Split:
-        """All of an in-memory image array and its labels."""
+        """All of an in-memory array (images or cached activations) and its labels."""
         return cls(ArraySource(x, y))
 
     def __len__(self) -> int:
