@@ -91,7 +91,8 @@ def run_centralised(args: argparse.Namespace) -> dict:
     import keras
     import numpy as np
 
-    from fl_app.data import NUM_CLASSES, load_node_data, load_test_set
+    from fl_app.config import RunConfig
+    from fl_app.data import load_node_data, load_test_set, run_classes
     from fl_app.model.classifier import (
         build_model,
         compile_model,
@@ -100,24 +101,20 @@ def run_centralised(args: argparse.Namespace) -> dict:
     )
     from fl_app.schedule import FINE_TUNE, HEAD
 
-    nodes = [
-        load_node_data(
-            "fashion_mnist",
-            i,
-            args.nodes,
-            "iid",
-            seed=args.seed,
-            max_examples=args.examples,
-            val_fraction=0.1,
-        ).train
-        for i in range(args.nodes)
-    ]
+    config = RunConfig(
+        seed=args.seed,
+        max_examples_per_node=args.examples,
+        max_test_examples=args.test_examples,
+        val_fraction=0.1,
+    )
+    classes = run_classes(config)
+    nodes = [load_node_data(config, classes, i, args.nodes).train for i in range(args.nodes)]
     x = np.concatenate([n.x for n in nodes])
     y = np.concatenate([n.y for n in nodes])
-    test = load_test_set("fashion_mnist", args.test_examples)
+    test, _ = load_test_set(config, classes)
     keras.utils.set_random_seed(args.seed)
     start = time.perf_counter()
-    model = build_model(NUM_CLASSES, x.shape[1:], args.input_size, "imagenet", LITE0)
+    model = build_model(len(classes), x.shape[1:], args.input_size, "imagenet", LITE0)
     accuracy = []
     for epoch in range(1, args.rounds + 1):
         phase = HEAD if epoch <= args.head_rounds else FINE_TUNE

@@ -18,14 +18,14 @@ from flwr.clientapp import ClientApp
 
 # The same node data and per-round seeds as our client.
 from fl_app.client_app import (
+    classes,
     evaluate_reply,
     node_data,
+    round_seed,
     run_config,
-    seed_round,
     train_reply,
 )
 from fl_app.config import RunConfig
-from fl_app.data import NUM_CLASSES
 from fl_app.model.classifier import (
     build_model,
     compile_model,
@@ -39,10 +39,11 @@ app = ClientApp()
 
 
 def _fresh_model(
-    arrays: ArrayRecord, image_shape: tuple[int, ...], config: RunConfig, phase: str
+    arrays: ArrayRecord, msg: Message, image_shape: tuple[int, ...], config: RunConfig, phase: str
 ) -> keras.Model:
     """A newly built model holding the received weights, frozen for ``phase``."""
-    model = build_model(NUM_CLASSES, image_shape, config.input_size, None, config.backbone)
+    num_classes = len(classes(msg))
+    model = build_model(num_classes, image_shape, config.input_size, None, config.backbone)
     set_phase(model, phase, config.fine_tune_layers)
     load_arrayrecord(model, arrays)
     return model
@@ -53,14 +54,15 @@ def train(msg: Message, context: Context) -> Message:
     """Build a model, load all weights, fit, reply with all weights."""
     received = time.perf_counter()
     config = run_config(context)
-    data = node_data(context, config).train
+    data = node_data(context, config, classes(msg)).train
     round_config = msg.content["config"]
     model = _fresh_model(
-        msg.content["arrays"], data.x.shape[1:], config, str(round_config["phase"])
+        msg.content["arrays"], msg, data.image_shape, config, str(round_config["phase"])
     )
     compile_model(model, float(round_config["learning-rate"]))
-    seed_round(config, context, int(round_config["server-round"]))
+    keras.utils.set_random_seed(round_seed(config, context, int(round_config["server-round"])))
     start = time.perf_counter()
+    # Every image in memory at once, as the quickstart does.
     history = model.fit(
         data.x, data.y, epochs=config.local_epochs, batch_size=config.batch_size, verbose=0
     )
@@ -72,8 +74,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Build a model, load all weights, evaluate on the local validation split."""
     config = run_config(context)
-    data = node_data(context, config).val
-    model = _fresh_model(msg.content["arrays"], data.x.shape[1:], config, HEAD)
+    data = node_data(context, config, classes(msg)).val
+    model = _fresh_model(msg.content["arrays"], msg, data.image_shape, config, HEAD)
     compile_model(model, 0.0)
     loss, accuracy = model.evaluate(data.x, data.y, batch_size=config.batch_size, verbose=0)
     return evaluate_reply(msg, len(data.y), loss, accuracy)

@@ -192,7 +192,6 @@ def bare_fit(
     """
     import keras
 
-    from fl_app.data import NUM_CLASSES
     from fl_app.model.classifier import (
         build_head,
         compile_model,
@@ -201,7 +200,7 @@ def bare_fit(
     )
 
     features = feature_extractor(model).predict(data.x, batch_size=batch_size, verbose=0)
-    head = build_head(NUM_CLASSES, features.shape[-1])
+    head = build_head(int(data.y.max()) + 1, features.shape[-1])
     compile_model(head, learning_rate)
     times = []
     for i in range(repeats + 1):
@@ -426,7 +425,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import keras
 
-    from fl_app.data import load_node_data
+    from fl_app.data import load_node_data, run_classes
     from fl_app.server_app import initial_model
 
     config = replace(
@@ -436,19 +435,9 @@ def main() -> int:
         strict_weights=True,
         backbone=args.backbone,
     )
-    nodes = [
-        load_node_data(
-            dataset=config.dataset,
-            partition_id=i,
-            num_partitions=args.nodes,
-            partitioner=config.partitioner,
-            alpha=config.dirichlet_alpha,
-            seed=config.seed,
-            max_examples=args.examples,
-            val_fraction=config.val_fraction,
-        )
-        for i in range(args.nodes)
-    ]
+    config = replace(config, max_examples_per_node=args.examples)
+    classes = run_classes(config)
+    nodes = [load_node_data(config, classes, i, args.nodes) for i in range(args.nodes)]
     sampled = max(1, int(args.clients * args.fraction))
     started_on = machine()
     runs: dict[str, dict] = {}
@@ -456,7 +445,7 @@ def main() -> int:
         root = Path(tmp)
         # One start for every run: a random init drawn in each ServerApp may differ.
         keras.utils.set_random_seed(config.seed)
-        model, _ = initial_model(config, nodes[0].train.x.shape[1:])
+        model, _ = initial_model(config, nodes[0].train.image_shape, len(classes))
         start_weights = root / "start.weights.h5"
         model.save_weights(start_weights)
         apps = {False: REPO, True: baseline_app(root)}

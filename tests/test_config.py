@@ -30,7 +30,7 @@ def test_groups_are_the_documented_ones():
     assert GROUPS == {
         "federation": ["deployment", "deployment-tls", "simulation"],
         "model": ["efficientnet_lite0", "resnet50"],
-        "dataset": ["cifar10", "fashion_mnist", "mnist"],
+        "dataset": ["cifar10", "fashion_mnist", "images", "mnist"],
         "partitioner": ["dirichlet", "iid"],
         "strategy": ["fedavg"],
     }
@@ -43,11 +43,17 @@ def test_every_group_option_composes_against_the_schema(group, option, tmp_path)
         ca = tmp_path / "ca.crt"
         ca.write_text("certificate")
         overrides.append(f"federation.root_certificates={ca}")
+    if option == "images":  # the user's own folder: required
+        (tmp_path / "photos" / "cat").mkdir(parents=True)
+        overrides.append(f"dataset.name={tmp_path / 'photos'}")
     cfg = compose(*overrides)
     assert OmegaConf.missing_keys(cfg) == set()
     run_config = check_config(cfg)
-    if group == "dataset":
+    if group == "dataset" and option != "images":
         assert run_config["dataset"] == option
+    if option == "images":
+        assert run_config["dataset"] == str(tmp_path / "photos")
+        assert run_config["input-size"] == 224 and run_config["max-examples-per-node"] == 0
     if group == "partitioner":
         assert run_config["partitioner"] == option
     if group == "model":

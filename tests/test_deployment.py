@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
-from fl_app.data import fashion_mnist_dirs, prepare_node_dirs
+from fl_app.data import prepare_node_dirs
+from fl_app.data.builtin import fashion_mnist_dirs
 from fl_app.deploy import DeploymentError
 from fl_app.deploy.commands import start_superlink, start_supernode
 from fl_app.deploy.local_federation import LocalFederation, NodeProcess

@@ -18,7 +18,6 @@ from flwr.app import (
     RecordDict,
 )
 
-from fl_app.data import NUM_CLASSES
 from fl_app.model.classifier import build_model, trainable_keys
 from fl_app.schedule import FINE_TUNE, HEAD
 from fl_app.wire.exchange import (
@@ -131,7 +130,7 @@ def test_a_node_rebuilds_the_global_model_from_its_base_and_what_came(tmp_path):
 
 
 def test_trainable_keys_follow_the_schedule():
-    model = build_model(NUM_CLASSES, (28, 28, 1), 32)
+    model = build_model(10, (28, 28, 1), 32)
     keys = trainable_keys(model, 32)
     assert [k.split("/")[0] for k in keys[HEAD]] == ["head_dense"] * 2 + ["predictions"] * 2
     conv5 = [k for k in keys[FINE_TUNE] if k.startswith("conv5_")]
@@ -151,7 +150,7 @@ def _rounds(run) -> list[dict]:
 def test_trainable_only_exchange_gives_the_global_model_of_full_exchange(superlink, tmp_path):
     start = tmp_path / "start.weights.h5"
     keras.utils.set_random_seed(0)
-    build_model(NUM_CLASSES, (28, 28, 1), 32).save_weights(start)
+    build_model(10, (28, 28, 1), 32).save_weights(start)
     config = {**TINY, "weights": str(start)}
     trainable = superlink.run(tmp_path / "trainable", {**config, "exchange": "trainable"})
     full = superlink.run(tmp_path / "full", {**config, "exchange": "full"})

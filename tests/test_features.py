@@ -19,6 +19,7 @@ from fl_app.model.classifier import (
     split_at,
     to_arrayrecord,
 )
+from fl_app.data.split import Split
 from fl_app.model.features import FeatureCache, feature_key, frozen_digest
 from fl_app.schedule import FINE_TUNE, HEAD
 
@@ -87,10 +88,12 @@ def test_key_changes_with_backbone_images_and_input_size_only():
     arrays = to_arrayrecord(model)
     backbone = [k for k in arrays if not is_head_variable(k)]
     x = np.zeros((4, 28, 28, 1), np.uint8)
+    images = Split.of_arrays(x, np.zeros(4)).digest()
     frozen = frozen_digest(arrays, backbone)
-    key = feature_key(frozen, x, 32)
+    key = feature_key(frozen, images, 32)
 
-    assert feature_key(frozen_digest(arrays, backbone), x.copy(), 32) == key
+    assert feature_key(frozen_digest(arrays, backbone), images, 32) == key
+    assert Split.of_arrays(x.copy(), np.ones(4)).digest() == images  # labels do not matter
     head_key = next(k for k in arrays if is_head_variable(k))
     arrays_new_head = to_arrayrecord(model)
     arrays_new_head[head_key] = Array(np.ones(arrays[head_key].shape, np.float32))
@@ -99,10 +102,11 @@ def test_key_changes_with_backbone_images_and_input_size_only():
     assert frozen_digest(to_arrayrecord(other), backbone) != frozen  # new backbone weights
     changed = x.copy()
     changed[0, 0, 0, 0] = 1
-    assert feature_key(frozen, changed, 32) != key  # one pixel
-    assert feature_key(frozen, x, 64) != key  # input size
-    assert feature_key(frozen, x, 32, boundary="conv4") != key
-    assert feature_key("base 1234", x, 32) != key  # weights named by a base's hash
+    changed_images = Split.of_arrays(changed, np.zeros(4)).digest()
+    assert feature_key(frozen, changed_images, 32) != key  # one pixel
+    assert feature_key(frozen, images, 64) != key  # input size
+    assert feature_key(frozen, images, 32, boundary="conv4") != key
+    assert feature_key("base 1234", images, 32) != key  # weights named by a base's hash
 
 
 def test_cache_persists_on_disk_and_evicts_least_recently_used(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY, log_lines
 
-from fl_app.data import NUM_CLASSES, load_test_set
+from fl_app.data.builtin import load_builtin
 from fl_app.model.classifier import build_model
 from fl_app.schedule import FINE_TUNE, HEAD
 
@@ -62,8 +62,8 @@ def test_two_rounds_on_two_supernodes_write_metrics_and_a_loadable_model(superli
         warnings.simplefilter("error", UserWarning)
         model = keras.saving.load_model(run.run_dir / "final.keras")
     assert (run.run_dir / "best.keras").is_file()
-    test = load_test_set("fashion_mnist", 200)
-    _, accuracy = model.evaluate(test.x, test.y, verbose=0)
+    test = load_builtin("fashion_mnist").test
+    _, accuracy = model.evaluate(test.x[:200], test.y[:200], verbose=0)
     # The saved model is the final global model the server evaluated.
     assert accuracy == pytest.approx(rounds[-1]["server_accuracy"], abs=1e-6)
 
@@ -74,7 +74,7 @@ def test_the_activation_cache_changes_no_result(superlink, tmp_path):
     # reproducible across runs (see the note in server_app.initial_model).
     start = tmp_path / "start.weights.h5"
     keras.utils.set_random_seed(0)
-    build_model(NUM_CLASSES, (28, 28, 1), 32).save_weights(start)
+    build_model(10, (28, 28, 1), 32).save_weights(start)
     config = {**TINY, "num-server-rounds": 3, "head-rounds": 2, "weights": str(start)}
     cached = superlink.run(tmp_path / "cached", {**config, "feature-cache": True})
     full = superlink.run(tmp_path / "full", {**config, "feature-cache": False})

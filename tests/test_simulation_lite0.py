@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY, log_lines
 
-from fl_app.data import load_test_set
+from fl_app.data.builtin import load_builtin
 from fl_app.model.backbones import EFFICIENTNET_LITE0
 from fl_app.model.classifier import backbone_of
 from fl_app.schedule import FINE_TUNE, HEAD
@@ -53,6 +53,6 @@ def test_two_rounds_of_lite0_from_its_shipped_imagenet_weights(superlink, tmp_pa
         warnings.simplefilter("error", UserWarning)
         model = keras.saving.load_model(run.run_dir / "final.keras")
     assert backbone_of(model).name == EFFICIENTNET_LITE0.name
-    test = load_test_set("fashion_mnist", 200)
-    _, accuracy = model.evaluate(test.x, test.y, verbose=0)
+    test = load_builtin("fashion_mnist").test
+    _, accuracy = model.evaluate(test.x[:200], test.y[:200], verbose=0)
     assert accuracy == pytest.approx(rounds[-1]["server_accuracy"], abs=1e-6)

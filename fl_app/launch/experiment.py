@@ -28,7 +28,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fl_app.config import DATASETS, RunConfig, flower_key, hydra_path
+from fl_app.config import DATASETS, NO_TEST_DATA, RunConfig, flower_key, hydra_path
 from fl_app.config import fields as config_fields
 from fl_app.launch.flower_cli import FlowerCLI, FlowerCLIError, RunStatus, write_connection
 from fl_app.launch.local_superlink import LocalSuperLink
@@ -114,7 +114,7 @@ def _absolute(run_config: dict[str, Any]) -> dict[str, Any]:
     """
     for key in PATH_KEYS:
         value = run_config[key]
-        if isinstance(value, str) and value not in DATASETS and Path(value).expanduser().exists():
+        if value and value not in (*DATASETS, NO_TEST_DATA) and Path(value).expanduser().exists():
             run_config[key] = str(Path(value).expanduser().resolve())
     return run_config
 
