@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import socket
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,25 @@ from fl_app.data.images import DECODE_ERRORS, to_array, warn_unreadable
 HUB_HOST = "huggingface.co"
 
 
+def hub_address() -> tuple[str, int]:
+    """The host and port of the hub the client uses: ``HF_ENDPOINT`` (a mirror), else the hub."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    return url.hostname or HUB_HOST, url.port or (80 if url.scheme == "http" else 443)
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers on its HTTPS port."""
+    """Whether the Hugging Face hub answers on its port.
+
+    Behind an HTTPS proxy a direct connection proves nothing (networks with a proxy
+    often block it): there the hub client's own request decides.
+    """
+    host, port = hub_address()
+    if urllib.request.getproxies().get("https") and not urllib.request.proxy_bypass(host):
+        return True
     try:
-        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -44,14 +61,14 @@ def load_table(kind: str, value: str, key: str) -> Any:
         return loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     if kind == "parquet":
         return datasets.load_dataset("parquet", data_dir=str(Path(value).expanduser()))
-    if not hub_reachable():
+    if not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
         # Without this the hub client retries for ~25 s before failing.
         datasets.config.HF_HUB_OFFLINE = True
     try:
         return datasets.load_dataset(value)
     except ConnectionError as err:
         raise ValueError(
-            f"{key}={value!r}: the Hugging Face hub ({HUB_HOST}) cannot be reached and the "
+            f"{key}={value!r}: the Hugging Face hub ({hub_address()[0]}) cannot be reached and the "
             "dataset is not in the local Hugging Face cache; offline, pass a folder instead "
             "(an image folder, parquet files or a save_to_disk dataset)"
         ) from err
@@ -90,20 +107,38 @@ def columns(table: Any, image_column: str, label_column: str, key: str) -> tuple
 
 
 def table_classes(table: Any, label_column: str) -> list[str]:
-    """The class names a table's label column carries (``ClassLabel`` names, else its values)."""
+    """The class names a table's label column carries.
+
+    ``ClassLabel`` names; for integer labels, which `global_labels` takes as class
+    indices, ``"0"`` up to the largest; else the sorted values.
+    """
     feature = table.features[label_column]
     names = getattr(feature, "names", None)
     if names:
         return list(names)
-    return sorted({str(value) for value in table.unique(label_column)})
+    values = table.unique(label_column)
+    if str(getattr(feature, "dtype", "")).startswith(("int", "uint")):
+        # Sorted as text, "10" would come before "2" and name index 2's class "10".
+        return [str(i) for i in range(max(values, default=-1) + 1)]
+    return sorted({str(value) for value in values})
 
 
 def global_labels(table: Any, label_column: str, classes: Sequence[str], key: str) -> np.ndarray:
     """Each row's index in the run's ``classes``; an unknown label is one error line."""
-    values = np.asarray(table.with_format("numpy")[label_column])
+    # One column as one array: iterating the Column object takes seconds per 50,000 rows.
+    values = np.asarray(table.with_format("numpy", columns=[label_column])[:][label_column])
     names = getattr(table.features[label_column], "names", None)
     index = {name: i for i, name in enumerate(classes)}
     if names:
+        values = values.astype(np.int64)  # an empty column comes back as floats
+        bad = values[(values < 0) | (values >= len(names))]
+        if bad.size:
+            # Hugging Face marks unlabelled rows -1: as an index it would be the last class.
+            raise ValueError(
+                f"{key}: column {label_column!r} holds label {int(bad[0])}, outside "
+                f"0..{len(names) - 1} (its {len(names)} class names)"
+                + ("; -1 marks an unlabelled row" if bad[0] == -1 else "")
+            )
         unknown = [name for name in names if name not in index]
         present = set(np.unique(values).tolist())
         unknown = [name for i, name in enumerate(names) if i in present and name in unknown]
@@ -165,17 +200,22 @@ class TableSource:
         for i, (row, cell) in enumerate(
             zip(rows, self.table[[int(r) for r in rows]][self.image_column], strict=True)
         ):
+            cell = cell or {"bytes": None, "path": None}  # a null image is skipped as well
             try:
-                data = (
-                    cell["bytes"] if cell["bytes"] is not None else Path(cell["path"]).read_bytes()
-                )
+                if cell["bytes"] is not None:
+                    data = cell["bytes"]
+                elif cell["path"]:
+                    data = Path(cell["path"]).read_bytes()
+                else:
+                    raise ValueError("no image")
                 with Image.open(io.BytesIO(data)) as image:
                     images.append(to_array(image, self.size, 3))
                 ok[i] = True
             except DECODE_ERRORS as err:
                 if int(row) not in self.failed:
                     self.failed.add(int(row))
-                    warn_unreadable(f"row {int(row)} ({cell.get('path') or 'bytes'})", err)
+                    what = cell["path"] or ("bytes" if cell["bytes"] is not None else "null")
+                    warn_unreadable(f"row {int(row)} ({what})", err)
         if not images:
             return np.zeros((0, *self.image_shape), np.uint8), ok
         return np.stack(images), ok

@@ -2,15 +2,16 @@
 
 A tree is ``<root>/<class>/**/*.{png,jpg,jpeg}``, or that under ``<root>/train``
 and ``<root>/test`` (the layout of Keras' and Hugging Face's image folders). A
-folder's name is its class name, matched exactly against the run's global class
-list: a node that lacks some classes still labels the rest as every other node
-does.
+folder's name is its class name, matched exactly (in Unicode's composed form)
+against the run's global class list: a node that lacks some classes still labels
+the rest as every other node does. Hidden files and folders are not images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from collections.abc import Sequence
 from logging import WARNING
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from flwr.common import log
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Subfolders that make a tree a train/test layout instead of class folders.
@@ -35,8 +36,9 @@ def to_array(image: Image.Image, size: int | None, channels: int) -> np.ndarray:
     the image is squashed to a square (as Keras' ``image_dataset_from_directory``
     does by default). ``size`` ``None`` keeps the image's own size.
     """
-    if size is not None and image.format == "JPEG":
-        # Lets libjpeg decode a large photo at a fraction of its size: far cheaper.
+    if size is not None and image.format in ("JPEG", "MPO"):
+        # Lets libjpeg decode a large photo at a fraction of its size: far cheaper. MPO is
+        # the JPEG with a second picture in it that many phone cameras write.
         image.draft("RGB" if channels == 3 else "L", (size, size))
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -57,8 +59,14 @@ def read_image(path: str | os.PathLike, size: int | None, channels: int) -> np.n
 
 
 def warn_unreadable(name: Any, err: BaseException) -> None:
-    """The one warning line for an image that is skipped."""
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    """The one warning line for an image that is skipped, naming it once."""
+    if isinstance(err, UnidentifiedImageError):
+        # Pillow's message ends with the file again (or a BytesIO's repr): `name` says which.
+        reason = "cannot identify image file"
+    elif isinstance(err, OSError) and err.filename is not None and err.strerror:
+        reason = err.strerror  # "[Errno 2] No such file or directory: '<the file>'" less the file
+    else:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     log(WARNING, "Skipped unreadable image %s (%s)", name, reason)
 
 
@@ -119,6 +127,12 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def _class_name(name: str) -> str:
+    # macOS (HFS+) and zip files made there spell "à" as "a" + combining grave: compare the
+    # composed form, so that a folder copied from a Mac is the class everyone else names.
+    return unicodedata.normalize("NFC", name)
+
+
 def split_folders(root: Path) -> dict[str, Path]:
     """``{"train": ..., "test": ...}`` of a tree: its train/test subfolders, or itself."""
     names = {d.name for d in _subfolders(root)}
@@ -129,7 +143,9 @@ def split_folders(root: Path) -> dict[str, Path]:
 
 def folder_classes(root: Path) -> list[str]:
     """The sorted class-folder names of a tree (both splits of a train/test layout)."""
-    return sorted({d.name for split in split_folders(root).values() for d in _subfolders(split)})
+    return sorted(
+        {_class_name(d.name) for split in split_folders(root).values() for d in _subfolders(split)}
+    )
 
 
 def scan_class_folders(
@@ -141,11 +157,12 @@ def scan_class_folders(
     known classes; classes without a subfolder are simply absent. ``key`` is the
     config key that named the folder, for the error message.
     """
-    index = {name: i for i, name in enumerate(classes)}
+    index = {_class_name(name): i for i, name in enumerate(classes)}
     paths: list[str] = []
     labels: list[int] = []
     for class_dir in _subfolders(folder):
-        if class_dir.name not in index:
+        name = _class_name(class_dir.name)
+        if name not in index:
             raise ValueError(
                 f"{key}: folder {str(class_dir)!r} is not a known class; the run's classes are: "
                 + ", ".join(classes)
@@ -153,8 +170,11 @@ def scan_class_folders(
         files = sorted(
             str(f)
             for f in class_dir.rglob("*")
-            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
+            if f.suffix.lower() in IMAGE_SUFFIXES
+            # A hidden folder holds a tool's copies (thumbnails, checkpoints), not more examples.
+            and not any(part.startswith(".") for part in f.relative_to(class_dir).parts)
+            and f.is_file()
         )
         paths.extend(files)
-        labels.extend([index[class_dir.name]] * len(files))
+        labels.extend([index[name]] * len(files))
     return paths, np.asarray(labels, np.int64)
