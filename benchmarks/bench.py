@@ -46,7 +46,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_app.config import RunConfig
-from fl_app.data import Split
+from fl_app.data.split import Split
 from fl_app.launch.local_superlink import LocalSuperLink
 from fl_app.launch.processes import descendants
 from fl_app.model.backbones import BACKBONES

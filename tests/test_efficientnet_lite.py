@@ -216,7 +216,7 @@ def test_imagenet_weights_through_build_model_and_a_saved_lite0_model(tmp_path):
 
 
 def test_the_server_starts_lite0_from_imagenet_even_when_strict(state):
-    model, init = initial_model(LITE0_CONFIG, (28, 28, 1))
+    model, init = initial_model(LITE0_CONFIG, (28, 28, 1), 10)
     assert init == "imagenet"
     stem = backbone_of(model).get_layer("stem_conv").kernel.numpy()
     np.testing.assert_array_equal(stem, state["_conv_stem.weight"].transpose(2, 3, 1, 0))

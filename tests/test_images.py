@@ -6,7 +6,6 @@ import io
 import logging
 import os
 import unicodedata
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -163,11 +162,6 @@ def test_a_partition_label_beyond_the_run_classes_is_one_line(tmp_path):
     assert "\n" not in message and "labels 0..3 outside 0..2" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=zipfile.BadZipFile,
-    reason="load_data_dir (fl_app/data/__init__.py) does not catch zipfile.BadZipFile",
-)
 def test_a_truncated_partition_file_is_one_line(tmp_path):
     # An interrupted copy: np.load raises zipfile.BadZipFile, which is no OSError.
     path = tmp_path / "partition.npz"

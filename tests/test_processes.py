@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fl_app.data import fashion_mnist_dirs
+from fl_app.data.builtin import fashion_mnist_dirs
 from fl_app.deploy.local_federation import LocalFederation
 from fl_app.launch import processes
 from fl_app.launch.flower_cli import FlowerCLI, FlowerCLIError, write_connection

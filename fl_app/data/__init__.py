@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
 from collections.abc import Sequence
 from logging import INFO
 from pathlib import Path
@@ -265,7 +266,7 @@ def load_data_dir(data_dir: str | os.PathLike, classes: Sequence[str], input_siz
         try:
             with np.load(partition) as arrays:
                 source = ArraySource(arrays["x"], arrays["y"])
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise ValueError(f"{key}: {PARTITION_FILE} cannot be read: {err}") from err
         _check_arrays(source, len(classes), f"{key}: {PARTITION_FILE}")
     else:

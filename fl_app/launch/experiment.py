@@ -100,7 +100,9 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
                 f"{unknown[0]} is not a key of the experiment config: see "
                 "`python -m fl_app.launch.experiment --cfg job` for the keys there are"
             )
-    run_config = _absolute({key: OmegaConf.select(cfg, path) for key, path in paths.items()})
+    # A `???` the user left unset selects as None: RunConfig.parse calls it missing.
+    selected = {key: OmegaConf.select(cfg, path) for key, path in paths.items()}
+    run_config = _absolute({key: value for key, value in selected.items() if value is not None})
     # results-dir is the launcher's, set per job; validate the rest.
     RunConfig.parse({**run_config, "results-dir": "."}, name=lambda key: paths.get(key, key))
     _check_federation(cfg.federation)
@@ -113,7 +115,7 @@ def _absolute(run_config: dict[str, Any]) -> dict[str, Any]:
     The SuperLink's processes do not run where the launcher was started.
     """
     for key in PATH_KEYS:
-        value = run_config[key]
+        value = run_config.get(key)
         if value and value not in (*DATASETS, NO_TEST_DATA) and Path(value).expanduser().exists():
             run_config[key] = str(Path(value).expanduser().resolve())
     return run_config
