@@ -57,3 +57,33 @@ def test_smallest_bench_prints_and_writes_every_row(tmp_path):
     # Uploads: the compressed runs really send less than the uncompressed one.
     uploads = {r["metric"].rsplit("=", 1)[1]: r["value"] for r in rows if "upload" in r["metric"]}
     assert uploads["int8"] < uploads["float16"] < uploads["none"]
+
+
+def test_data_memory_bench_at_its_smallest_reports_finite_positive_numbers(tmp_path):
+    out = tmp_path / "data_memory.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "fl_app.cli", "bench", "data-memory"),
+            *("--images", "32", "64", "--input-size", "32", "--contrast"),
+            *("--root", str(tmp_path / "images"), "--json", str(out)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["images"] for r in results] == [32, 64]
+    for r in results:
+        # Every image trains or validates; none is skipped.
+        assert r["num_examples"] + round(r["images"] * 0.1) == r["images"] == r["feature_images"]
+        assert r["skipped_images"] == 0
+        # The first size is the reference of the deltas: 0 there, so finite only.
+        assert math.isfinite(r["peak_delta_mb"])
+        for key, value in r.items():
+            if key not in ("peak_delta_mb", "skipped_images"):
+                assert isinstance(value, int | float) and math.isfinite(value), (key, value)
+                assert value > 0 or key == "generate_seconds", (key, value)
+        assert r["baseline_rss_mb"] <= r["after_features_rss_mb"] <= r["peak_rss_mb"]
+        assert f"| {r['images']} |" in done.stdout
