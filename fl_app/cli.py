@@ -43,6 +43,7 @@ BENCHMARKS = {
     "deployment": ("bench_deployment", "per-round time of a deployment against a simulation"),
     "accuracy": ("accuracy_report", "federated against centralised accuracy"),
     "memory": ("measure_memory", "peak RSS of one training process per phase"),
+    "data-memory": ("measure_data_memory", "peak RSS of a node by size of its image folder"),
 }
 REPO = Path(__file__).resolve().parents[1]
 # What `main` reports as one `error:` line: our own failures (DeploymentError,
@@ -100,6 +101,49 @@ def summarize(
     from fl_app.launch.sweep import main as summarize_main
 
     return summarize_main([str(sweep_dir)])
+
+
+# Where `fl-app predict` writes the predictions of a folder when --out is not given.
+PREDICTIONS_CSV = "predictions.csv"
+
+
+@app.command("predict")
+def predict_images(
+    model: Annotated[
+        Path, typer.Argument(help="a .keras file saved by fl_app, e.g. outputs/.../final.keras")
+    ],
+    images: Annotated[
+        list[Path], typer.Argument(help="PNG/JPEG files, or folders of them (recursively)")
+    ],
+    top_k: Annotated[int, typer.Option(min=1, help="classes per image, most probable first")] = 3,
+    out: Annotated[
+        Path | None,
+        typer.Option(help=f"CSV file to write (for a folder, default: {PREDICTIONS_CSV})"),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="images decoded at a time")] = 32,
+) -> int:
+    """Predict the classes of images with a saved model; class names come from the model file.
+
+    MODEL is a .keras file fl_app saved (e.g. outputs/.../final.keras); IMAGES
+    are PNG/JPEG files or folders of them. For image files alone, prints one line
+    per image: 'path: class 0.873, class 0.101, ...'. With a folder (walked
+    recursively) or --out, writes a CSV instead (path, class_1, probability_1,
+    ..., class_k, probability_k; by default predictions.csv in the current
+    folder) and prints where. An image that does not decode is skipped with a
+    warning: 'path: unreadable', or no CSV row.
+    """
+    from fl_app.predict import format_line, predict, write_csv
+
+    predictions = predict(model, images, top_k, batch_size)
+    if out is None and not any(path.is_dir() for path in images):
+        for prediction in predictions:
+            print(format_line(prediction))
+        return 0
+    out = out or Path(PREDICTIONS_CSV)
+    written, left_out = write_csv(predictions, out)
+    skipped = f" (skipped {left_out} unreadable)" if left_out else ""
+    print(f"wrote {written} predictions to {out}{skipped}")
+    return 0
 
 
 def _bench_command(name: str, module: str, help_text: str) -> None:
