@@ -56,8 +56,8 @@ class Predictions:
 def image_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
     """The image files of ``inputs``: files as given, folders walked recursively.
 
-    A folder contributes its PNG/JPEG files (any depth, hidden files left out),
-    sorted; files given by name are kept in their order.
+    A folder contributes its PNG/JPEG files (any depth, hidden files and folders
+    left out), sorted; files given by name are kept in their order.
 
     Parameters
     ----------
@@ -84,7 +84,10 @@ def image_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list
             found = sorted(
                 f
                 for f in given.rglob("*")
-                if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
+                if f.suffix.lower() in IMAGE_SUFFIXES
+                # The rule of class folders: hidden files and folders are a tool's copies.
+                and not any(part.startswith(".") for part in f.relative_to(given).parts)
+                and f.is_file()
             )
             if not found:
                 raise ValueError(f"{given} holds no PNG or JPEG file ({', '.join(IMAGE_SUFFIXES)})")

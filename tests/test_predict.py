@@ -94,8 +94,10 @@ def true_class(path: Path) -> str:
 
 
 def test_image_files_walks_folders_sorted_and_keeps_files_as_given(tmp_path: Path) -> None:
-    (tmp_path / "b" / "deeper").mkdir(parents=True)
-    for name in ["b/2.png", "b/deeper/1.JPG", "b/a.jpeg", "b/notes.txt", "b/.hidden.png", "x.png"]:
+    for folder in ["b/deeper", "b/.thumbnails"]:
+        (tmp_path / folder).mkdir(parents=True)
+    hidden = ["b/.hidden.png", "b/.thumbnails/2.png"]
+    for name in ["b/2.png", "b/deeper/1.JPG", "b/a.jpeg", "b/notes.txt", "x.png", *hidden]:
         (tmp_path / name).write_bytes(b"")
 
     files = image_files([tmp_path / "x.png", tmp_path / "b"])
