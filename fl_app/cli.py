@@ -1,7 +1,7 @@
 """``fl-app``: every operations command of fl_app in one place.
 
 ``fl-app deploy ...`` and ``fl-app local ...`` (`fl_app.deploy.cli`), ``fl-app data
-prepare``, ``fl-app sweep summarize`` and ``fl-app bench ...``. Experiments run
+prepare``, ``fl-app predict``, ``fl-app sweep summarize`` and ``fl-app bench ...``. Experiments run
 with ``fl-app-experiment`` (Hydra). Bad input is exactly one ``error:`` line on
 stderr and exit code 2; ``--help`` never imports Keras or TensorFlow.
 """
@@ -21,7 +21,7 @@ import typer
 from fl_app.deploy.cli import deploy, local
 
 app = typer.Typer(
-    help="Operate fl_app: deployments, a local federation, data, sweeps, benchmarks.",
+    help="Operate fl_app: deployments, a local federation, data, predictions, sweeps, benchmarks.",
     add_completion=False,
 )
 app.add_typer(deploy, name="deploy")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from fl_app.data.images import IMAGE_SUFFIXES, FileSource
+from fl_app.data.images import IMAGE_SUFFIXES, FileSource, images_under
 from fl_app.data.split import Split
 
 if TYPE_CHECKING:
@@ -81,14 +81,7 @@ def image_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list
     files: list[Path] = []
     for given in map(Path, inputs):
         if given.is_dir():
-            found = sorted(
-                f
-                for f in given.rglob("*")
-                if f.suffix.lower() in IMAGE_SUFFIXES
-                # The rule of class folders: hidden files and folders are a tool's copies.
-                and not any(part.startswith(".") for part in f.relative_to(given).parts)
-                and f.is_file()
-            )
+            found = images_under(given)
             if not found:
                 raise ValueError(f"{given} holds no PNG or JPEG file ({', '.join(IMAGE_SUFFIXES)})")
             files.extend(found)

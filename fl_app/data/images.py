@@ -123,6 +123,21 @@ class FileSource:
         return digest.hexdigest()
 
 
+def images_under(folder: Path) -> list[Path]:
+    """The PNG/JPEG files below ``folder``, at any depth, sorted.
+
+    Hidden files and folders are left out: they hold a tool's copies (thumbnails,
+    checkpoints), not more images.
+    """
+    return sorted(
+        f
+        for f in folder.rglob("*")
+        if f.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+        and f.is_file()
+    )
+
+
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
@@ -167,14 +182,7 @@ def scan_class_folders(
                 f"{key}: folder {str(class_dir)!r} is not a known class; the run's classes are: "
                 + ", ".join(classes)
             )
-        files = sorted(
-            str(f)
-            for f in class_dir.rglob("*")
-            if f.suffix.lower() in IMAGE_SUFFIXES
-            # A hidden folder holds a tool's copies (thumbnails, checkpoints), not more examples.
-            and not any(part.startswith(".") for part in f.relative_to(class_dir).parts)
-            and f.is_file()
-        )
+        files = [str(f) for f in images_under(class_dir)]
         paths.extend(files)
         labels.extend([index[name]] * len(files))
     return paths, np.asarray(labels, np.int64)
