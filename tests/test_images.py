@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fl_app.config import RunConfig, defaults
-from fl_app.data import load_data_dir, run_classes
+from fl_app.data import load_data_dir, load_test_set, run_classes
 from fl_app.data.images import (
     FileSource,
     folder_classes,
@@ -432,16 +432,21 @@ def _config(**values) -> RunConfig:
     return RunConfig.parse({**defaults(), **values})
 
 
-def test_run_classes_explicit_wins_builtin_needs_all_folders_are_sorted(tmp_path):
+def test_run_classes_explicit_wins_folders_are_sorted_builtin_test_needs_all(tmp_path):
     write_tree(tmp_path, 1)
     assert run_classes(_config(dataset=str(tmp_path), classes="b,a")) == ("b", "a")
     assert run_classes(_config(dataset=str(tmp_path))) == tuple(sorted(DEMO_CLASSES))
     assert len(run_classes(_config())) == 10
 
+    # A deployment names its own classes; the built-in default dataset is then unused...
+    private = _config(classes="shirt,bag,boot", **{"test-data": "none"})
+    assert run_classes(private) == ("shirt", "bag", "boot")
+    assert load_test_set(private, run_classes(private))[0] is None
+    # ...unless its test split is asked for: then the counts must agree, in one line.
     with pytest.raises(ValueError) as err:
-        run_classes(_config(classes="shirt,bag,boot"))
-    assert "\n" not in str(err.value) and "names 3 classes" in str(err.value)
-    assert "fashion_mnist has 10" in str(err.value)
+        load_test_set(_config(classes="shirt,bag,boot"), ("shirt", "bag", "boot"))
+    assert "\n" not in str(err.value) and "dataset=fashion_mnist has 10 classes" in str(err.value)
+    assert "test-data" in str(err.value)
 
 
 def test_run_classes_of_a_folder_without_class_folders_is_one_line(tmp_path):

@@ -111,16 +111,11 @@ def dataset_classes(value: str, config: RunConfig, key: str = "dataset") -> list
 def run_classes(config: RunConfig) -> tuple[str, ...]:
     """The run's global class list: ``classes`` if set, else the dataset's own.
 
-    Raises ``ValueError`` with one line when it does not fit the dataset (a
-    built-in dataset has exactly its 10 label indices).
+    A deployment over private images names its classes; the built-in default
+    ``dataset`` is then not read (`load_test_set` refuses its test split when
+    the class counts differ).
     """
-    named = parse_classes(config.classes)
-    if config.dataset in DATASETS and named and len(named) != len(CLASS_NAMES[config.dataset]):
-        raise ValueError(
-            f"classes names {len(named)} classes, but dataset={config.dataset} has "
-            f"{len(CLASS_NAMES[config.dataset])}: name them all, or leave classes empty"
-        )
-    return named or tuple(dataset_classes(config.dataset, config))
+    return parse_classes(config.classes) or tuple(dataset_classes(config.dataset, config))
 
 
 def _source(value: str, split: str, classes: Sequence[str], config: RunConfig, key: str):
@@ -131,7 +126,8 @@ def _source(value: str, split: str, classes: Sequence[str], config: RunConfig, k
         if len(classes) != len(CLASS_NAMES[ref.value]):
             raise ValueError(
                 f"{key}={value} has {len(CLASS_NAMES[ref.value])} classes, but the run has "
-                f"{len(classes)} ({', '.join(classes)})"
+                f"{len(classes)} ({', '.join(classes)}): name all of its classes, or (a "
+                "deployment over your own images) set test-data to a folder of yours or none"
             )
         return ArraySource(arrays.x, arrays.y)
     if ref.kind == "folder":
