@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -84,3 +85,19 @@ def message_metadata(src: int, dst: int, message_type: str = MessageType.TRAIN) 
         ttl=60.0,
         message_type=message_type,
     )
+
+
+@pytest.fixture
+def flwr_warnings():
+    """Flower's warning lines, as log records (its logger does not propagate to caplog)."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect(level=logging.WARNING)
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)

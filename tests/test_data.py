@@ -26,6 +26,7 @@ def run_config(**values) -> RunConfig:
     """The default run config with some keys (Flower names, ``_`` for ``-``) changed."""
     return RunConfig.parse({**defaults(), **{k.replace("_", "-"): v for k, v in values.items()}})
 
+
 needs_fmnist = pytest.mark.skipif(
     not (DEBIAN_FASHION_MNIST / IDX_FILES["x_train"]).is_file(),
     reason="apt-get install dataset-fashion-mnist (.ci/run does)",

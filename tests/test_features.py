@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
+from fl_app.data.split import Split
 from fl_app.model.backbones import RESNET50
 from fl_app.model.classifier import (
     build_head,
@@ -19,7 +20,6 @@ from fl_app.model.classifier import (
     split_at,
     to_arrayrecord,
 )
-from fl_app.data.split import Split
 from fl_app.model.features import FeatureCache, feature_key, frozen_digest
 from fl_app.schedule import FINE_TUNE, HEAD
 

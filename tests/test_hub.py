@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 from pathlib import Path
 
@@ -107,22 +106,6 @@ def parquet_names(tmp_path_factory, trees) -> Path:
     folder = tmp_path_factory.mktemp("parquet_names")
     _table(trees["train"], datasets.Value("string")).to_parquet(str(folder / "data.parquet"))
     return folder
-
-
-@pytest.fixture
-def flwr_records():
-    """Flower's warnings (its logger does not propagate to caplog)."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Collect(level=logging.WARNING)
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def _config(dataset: Path | str, **values) -> RunConfig:
@@ -303,7 +286,7 @@ def test_a_class_label_of_minus_one_is_one_line_not_the_last_class():
 # --- images in tables ---------------------------------------------------------------------
 
 
-def test_corrupt_and_null_images_in_a_table_are_skipped_with_one_line_each(trees, flwr_records):
+def test_corrupt_and_null_images_in_a_table_are_skipped_with_one_line_each(trees, flwr_warnings):
     paths, _ = scan_class_folders(trees["test"], NAMES)
     cells = [{"bytes": b"not an image", "path": None}, Path(paths[0]).read_bytes(), None]
     table = datasets.Dataset.from_dict(
@@ -315,7 +298,7 @@ def test_corrupt_and_null_images_in_a_table_are_skipped_with_one_line_each(trees
         assert ok.tolist() == [False, True, False] and images.shape == (1, 16, 16, 3)
     np.testing.assert_array_equal(images[0], read_image(paths[0], 16, 3))
     assert source.failed == {0, 2}
-    assert [r.getMessage() for r in flwr_records] == [
+    assert [r.getMessage() for r in flwr_warnings] == [
         "Skipped unreadable image row 0 (bytes) (cannot identify image file)",
         "Skipped unreadable image row 2 (null) (no image)",
     ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import unicodedata
 from pathlib import Path
@@ -27,22 +26,6 @@ from tests.image_trees import CORRUPT_NAME, DEMO_CLASSES, write_tree
 
 # DEMO_CLASSES' folders renamed, so that two nodes can hold different subsets of cat, dog, fox.
 ANIMALS = {"ankle boot": "cat", "sac à main": "dog", "trouser": "fox"}
-
-
-@pytest.fixture
-def flwr_records():
-    """Flower's warnings (its logger does not propagate to caplog)."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Collect(level=logging.WARNING)
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def _animal_tree(root: Path, animals: list[str], per_class: int = 2) -> Path:
@@ -286,7 +269,7 @@ def _truncated_png(path: Path) -> Path:
     return path
 
 
-def test_broken_files_are_skipped_with_one_warning_each_and_counted(tmp_path, flwr_records):
+def test_broken_files_are_skipped_with_one_warning_each_and_counted(tmp_path, flwr_warnings):
     tree = write_tree(tmp_path, 3, corrupt=True)
     first = sorted(DEMO_CLASSES)[0]
     truncated = _truncated_png(tmp_path / "trouser" / "truncated.png")
@@ -305,18 +288,18 @@ def test_broken_files_are_skipped_with_one_warning_each_and_counted(tmp_path, fl
     assert split.take(np.arange(3, 9)).skipped == 1  # the corrupt file's row only
     assert split.take(np.arange(4)[::-1]).skipped == 1
 
-    warnings = [r.getMessage() for r in flwr_records if "Skipped unreadable image" in r.message]
+    warnings = [r.getMessage() for r in flwr_warnings if "Skipped unreadable image" in r.message]
     assert len(warnings) == 2
     for path, reason in ((tree / first / CORRUPT_NAME, "cannot identify"), (truncated, "trunc")):
         (line,) = [w for w in warnings if str(path) in w]
         assert line.count(str(path)) == 1 and reason in line and "\n" not in line
 
 
-def test_a_missing_file_is_skipped_with_one_line_naming_it_once(tmp_path, flwr_records):
+def test_a_missing_file_is_skipped_with_one_line_naming_it_once(tmp_path, flwr_warnings):
     path = str(tmp_path / "gone.png")
     images, ok = FileSource([path], np.zeros(1), 16).read(np.array([0]))
     assert images.shape == (0, 16, 16, 3) and ok.tolist() == [False]
-    (line,) = [r.getMessage() for r in flwr_records]
+    (line,) = [r.getMessage() for r in flwr_warnings]
     assert line.count(path) == 1 and "No such file or directory" in line
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import logging
 import re
 import subprocess
 import sys
@@ -68,22 +67,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
     save_classifier(model, folder / "named.keras", CLASSES)
     model.save(folder / "plain.keras")
     return {"named": folder / "named.keras", "plain": folder / "plain.keras"}
-
-
-@pytest.fixture
-def flwr_records():
-    """Flower's warnings (its logger does not propagate to caplog)."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Collect(level=logging.WARNING)
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def true_class(path: Path) -> str:
@@ -169,7 +152,7 @@ def test_a_model_without_class_names_predicts_indices(models: dict[str, Path], k
 
 
 def test_an_unreadable_image_has_no_classes_and_one_warning(
-    models: dict[str, Path], known: Path, tmp_path: Path, flwr_records
+    models: dict[str, Path], known: Path, tmp_path: Path, flwr_warnings
 ) -> None:
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a PNG")
@@ -180,7 +163,7 @@ def test_an_unreadable_image_has_no_classes_and_one_warning(
 
     assert [row.path for row in rows] == [good[0], corrupt, good[1]]
     assert [len(row.top) for row in rows] == [3, 0, 3]
-    warnings = [r.getMessage() for r in flwr_records]
+    warnings = [r.getMessage() for r in flwr_warnings]
     assert warnings == [f"Skipped unreadable image {corrupt} (cannot identify image file)"]
 
 
@@ -235,7 +218,7 @@ def test_cli_writes_a_csv_for_a_folder_and_skips_a_corrupt_image(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    flwr_records,
+    flwr_warnings,
 ) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -249,7 +232,7 @@ def test_cli_writes_a_csv_for_a_folder_and_skips_a_corrupt_image(
     assert code == 0
     out = capsys.readouterr().out
     assert out == "wrote 24 predictions to predictions.csv (skipped 1 unreadable)\n"
-    assert [r.getMessage() for r in flwr_records] == [
+    assert [r.getMessage() for r in flwr_warnings] == [
         "Skipped unreadable image photos/corrupt.jpg (cannot identify image file)"
     ]
     with (tmp_path / "predictions.csv").open(newline="", encoding="utf-8") as f:

@@ -15,9 +15,7 @@ def test_none_is_random_init_and_a_weights_file_is_loaded(tmp_path):
     path = tmp_path / "start.weights.h5"
     model.save_weights(path)
 
-    loaded, init = initial_model(
-        RunConfig(weights=str(path), strict_weights=True), (28, 28, 1), 10
-    )
+    loaded, init = initial_model(RunConfig(weights=str(path), strict_weights=True), (28, 28, 1), 10)
     assert init == f"file:{path}"
     for a, b in zip(model.get_weights(), loaded.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)

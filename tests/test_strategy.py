@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -70,22 +69,6 @@ def _strategy(tmp_path, min_train_nodes: int = 1) -> TransferFedAvg:
     strategy.wire.start_round()
     strategy.wire.sent = strategy.global_arrays
     return strategy
-
-
-@pytest.fixture
-def flwr_warnings():
-    """Collect Flower's log lines (its logger does not propagate to caplog)."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Collect(level=logging.WARNING)
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def test_weighted_average_matches_float64_mean_and_stock_fedavg(tmp_path):
