@@ -220,7 +220,7 @@ def test_the_server_starts_lite0_from_imagenet_even_when_strict(state):
     assert init == "imagenet"
     stem = backbone_of(model).get_layer("stem_conv").kernel.numpy()
     np.testing.assert_array_equal(stem, state["_conv_stem.weight"].transpose(2, 3, 1, 0))
-    _, init = initial_model(replace(LITE0_CONFIG, weights="none"), (28, 28, 1))
+    _, init = initial_model(replace(LITE0_CONFIG, weights="none"), (28, 28, 1), 10)
     assert init == "random"
 
 
