@@ -6,6 +6,7 @@ import gzip
 
 import numpy as np
 import pytest
+from image_trees import DEMO_CLASSES, write_tree
 
 from fl_app.config import RunConfig, defaults
 from fl_app.data import (
@@ -189,3 +190,20 @@ def test_bad_data_dirs_are_refused_with_one_clear_line(tmp_path, make, message):
     with pytest.raises((FileNotFoundError, ValueError), match=message) as err:
         load_data_dir(folder, FASHION, 32)
     assert "\n" not in str(err.value) and "data-dir=" in str(err.value)
+
+
+def test_a_test_data_folder_is_the_server_test_set_spread_over_its_classes(tmp_path):
+    write_tree(tmp_path / "train", 4)
+    write_tree(tmp_path / "held", 10, split="test")
+    config = run_config(
+        dataset=str(tmp_path / "train"), test_data=str(tmp_path / "held"), max_test_examples=6
+    )
+    classes = run_classes(config)
+    test, what = load_test_set(config, classes)
+    assert what.startswith("test-data=") and len(test) == 6
+    # Folders list images class by class: the cap keeps every class, not the first one.
+    assert sorted(set(test.y.tolist())) == [0, 1, 2] and len(classes) == len(DEMO_CLASSES)
+    assert test.x.shape == (6, 32, 32, 3)
+    # A tree without test/ gives the server no test set, and says so.
+    none, why = load_test_set(run_config(dataset=str(tmp_path / "train")), classes)
+    assert none is None and "has no test split" in why
