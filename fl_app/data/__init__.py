@@ -115,7 +115,13 @@ def run_classes(config: RunConfig) -> tuple[str, ...]:
     ``dataset`` is then not read (`load_test_set` refuses its test split when
     the class counts differ).
     """
-    return parse_classes(config.classes) or tuple(dataset_classes(config.dataset, config))
+    classes = parse_classes(config.classes) or tuple(dataset_classes(config.dataset, config))
+    if len(classes) < 2:
+        raise ValueError(
+            f"dataset={config.dataset!r} has one class ({classes[0]!r}): a classifier needs at "
+            "least two; add class folders, or name the run's classes with classes"
+        )
+    return classes
 
 
 def _source(value: str, split: str, classes: Sequence[str], config: RunConfig, key: str):
