@@ -434,7 +434,7 @@ def test_run_classes_explicit_wins_folders_are_sorted_builtin_test_needs_all(tmp
 
 def test_run_classes_of_a_single_class_folder_is_one_line(tmp_path):
     write_tree(tmp_path, 1, ["trouser"])
-    with pytest.raises(ValueError, match="has one class .'trouser'.: a classifier needs") as err:
+    with pytest.raises(ValueError, match=r"has one class \('trouser'\): a classifier needs") as err:
         run_classes(_config(dataset=str(tmp_path)))
     assert "\n" not in str(err.value)
 
