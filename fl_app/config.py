@@ -178,6 +178,21 @@ class RunConfig:
         2, "Fewest nodes sampled for evaluation.", at_least(0), "strategy"
     )
     min_available_nodes: int = key(2, "Nodes to wait for before round 1.", at_least(1), "strategy")
+    round_timeout: int = key(
+        1800,
+        "Seconds a train or evaluate round waits for replies; late and missing nodes are logged "
+        "and counted (`missing_replies`), and the replies that came are used. A node's first "
+        "round pays the frozen-part pass over its data: size it for that.",
+        at_least(1),
+        "strategy",
+    )
+    wait_for_nodes_timeout: int = key(
+        600,
+        "Seconds to wait for `min-available-nodes` connected nodes before a round; fewer after "
+        "that fails the run with one line.",
+        at_least(1),
+        "strategy",
+    )
     # What travels.
     exchange: str = key(
         "trainable",
@@ -323,6 +338,11 @@ class RunConfig:
         "Cap on the server's test set (0 = all).",
         at_least(0),
         "dataset",
+    )
+    resume: str = key(
+        "",
+        "A run folder to continue: its last checkpoint's round + 1 up to `num-server-rounds`, "
+        "appending to its `metrics.json` (empty: a new run).",
     )
     results_dir: str = key(
         "outputs/{time}-run{run_id}",

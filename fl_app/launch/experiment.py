@@ -38,7 +38,7 @@ APP_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = APP_DIR / "conf"
 FEDERATION_KINDS = ("simulation", "deployment")
 # Run-config keys that may name a file or folder on the launcher's machine.
-PATH_KEYS = ("dataset", "test-data", "classes")
+PATH_KEYS = ("dataset", "test-data", "classes", "resume")
 
 log = logging.getLogger(__name__)
 # Outcome of every job this process ran; the exit code is read from it.
