@@ -1,7 +1,9 @@
-"""The run folder: ``metrics.json``, ``best.keras``/``final.keras``, TensorBoard, the log.
+"""The run folder: ``metrics.json``, ``best.keras``/``final.keras``, checkpoints, TensorBoard.
 
 Everything is written as the run goes, each file atomically (a temporary name,
-then a rename), so a run killed at any moment leaves readable files behind.
+then a rename), so a run killed at any moment leaves readable files behind. A
+checkpoint after every round (``checkpoint.json`` naming its arrays file) is
+what ``resume`` continues from.
 """
 
 from __future__ import annotations
@@ -12,12 +14,26 @@ import os
 from collections.abc import Callable, Mapping
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from flwr.app import ArrayRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.common import log
 
 SaveModel = Callable[[ArrayRecord, Path], None]
+CHECKPOINT = "checkpoint.json"
+METRICS = "metrics.json"
+
+
+class Checkpoint(NamedTuple):
+    """A run folder's last completed round: enough to continue the run."""
+
+    round: int
+    arrays: ArrayRecord
+    run_info: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    holders: dict[int, str]
+    bases: dict[str, ArrayRecord]
 
 
 class RunFolder:
@@ -55,6 +71,13 @@ class RunFolder:
         self.best_accuracy = -math.inf
         self._tensorboard = _tensorboard_writer(self.path) if tensorboard else None
 
+    def continue_from(self, checkpoint: Checkpoint) -> None:
+        """Carry on an earlier run's records and best model (``resume``)."""
+        self.rounds = list(checkpoint.rounds)
+        self.run_info = {**checkpoint.run_info, **self.run_info}
+        best = checkpoint.run_info.get("best") or {}
+        self.best_accuracy = best.get(self.best_by, -math.inf)
+
     def record(self, record: dict[str, Any], arrays: ArrayRecord) -> None:
         """Add a finished round (``record["round"]``; 0 is the start) and log its summary."""
         self.rounds.append(record)
@@ -79,10 +102,86 @@ class RunFolder:
     def write_metrics(self, status: str) -> None:
         """Write ``metrics.json``: the status, the run info and every round so far."""
         content = {"status": status, **self.run_info, "rounds": self.rounds}
-        final = self.path / "metrics.json"
-        partial = final.with_name(".metrics.json.partial")
-        partial.write_text(json.dumps(content, indent=2))
-        os.replace(partial, final)
+        _write_text(self.path / METRICS, json.dumps(content, indent=2))
+
+    def checkpoint(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        holders: Mapping[int, str],
+        bases: Mapping[str, ArrayRecord],
+    ) -> None:
+        """Write the checkpoint of a completed round: the global arrays and the wire's state.
+
+        The arrays file is written first and named by its round, then
+        ``checkpoint.json`` is renamed into place: a crash in between leaves the
+        previous checkpoint whole. ``holders`` says which base each node holds;
+        each base is written once (``base-<hash>.npz``), so that nodes keep theirs
+        across a resume.
+        """
+        name = f"checkpoint-r{server_round:04d}.npz"
+        _write_arrays(self.path / name, arrays)
+        base_files = {}
+        for base in set(holders.values()):
+            base_files[base] = f"base-{base}.npz"
+            if not (self.path / base_files[base]).is_file():
+                _write_arrays(self.path / base_files[base], bases[base])
+        content = {
+            "round": server_round,
+            "arrays": name,
+            "keys": list(arrays.keys()),
+            "holders": {str(node): base for node, base in holders.items()},
+            "bases": base_files,
+        }
+        _write_text(self.path / CHECKPOINT, json.dumps(content, indent=2))
+        for old in self.path.glob("checkpoint-r*.npz"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        for old in self.path.glob("base-*.npz"):
+            if old.name not in base_files.values():
+                old.unlink(missing_ok=True)
+
+
+def load_checkpoint(folder: str | os.PathLike, key: str = "resume") -> Checkpoint:
+    """The last checkpoint of a run folder; one ``ValueError`` line when there is none."""
+    path = Path(folder).expanduser()
+    try:
+        content = json.loads((path / CHECKPOINT).read_text())
+        metrics = json.loads((path / METRICS).read_text())
+        arrays = _read_arrays(path / content["arrays"], content["keys"])
+        bases = {name: _read_arrays(path / file) for name, file in content["bases"].items()}
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"{key}={str(folder)!r} is not allowed: expected a run folder with a readable "
+            f"{CHECKPOINT} ({err})"
+        ) from err
+    done = int(content["round"])
+    rounds = [r for r in metrics.get("rounds", []) if r.get("round", math.inf) <= done]
+    run_info = {k: v for k, v in metrics.items() if k not in ("status", "rounds")}
+    holders = {int(node): base for node, base in content["holders"].items()}
+    return Checkpoint(done, arrays, run_info, rounds, holders, bases)
+
+
+def _write_text(final: Path, text: str) -> None:
+    partial = final.with_name(f".{final.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, final)
+
+
+def _write_arrays(final: Path, arrays: ArrayRecord) -> None:
+    partial = final.with_name(f".{final.stem}.partial.npz")
+    with partial.open("wb") as file:
+        # Positional names: array keys hold "/" and must keep their order.
+        np.savez(file, *(array.numpy() for array in arrays.values()), keys=np.array(list(arrays)))
+    os.replace(partial, final)
+
+
+def _read_arrays(path: Path, keys: list[str] | None = None) -> ArrayRecord:
+    with np.load(path) as stored:
+        names = [str(k) for k in stored["keys"]]
+        if keys is not None and names != list(keys):
+            raise ValueError(f"{path.name} holds other arrays than its checkpoint names")
+        return ArrayRecord({k: Array(stored[f"arr_{i}"]) for i, k in enumerate(names)})
 
 
 def summary(record: Mapping[str, Any], is_best: bool) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -30,12 +31,23 @@ from fl_app.model.classifier import (
     to_arrayrecord,
     trainable_keys,
 )
-from fl_app.run_folder import RunFolder
+from fl_app.run_folder import RunFolder, load_checkpoint
 from fl_app.schedule import TransferSchedule
 from fl_app.strategy import TransferFedAvg
 from fl_app.wire.exchange import ServerExchange
 
 app = ServerApp()
+# Keys a resumed run must share with the run it continues: they decide the model and data.
+RESUME_KEYS = (
+    "backbone",
+    "input-size",
+    "fine-tune-layers",
+    "dataset",
+    "classes",
+    "partitioner",
+    "dirichlet-alpha",
+    "seed",
+)
 # The input size ImageNet backbones were trained at: what photos want.
 PHOTO_INPUT_SIZE = 224
 
@@ -103,50 +115,40 @@ def _saver(model: keras.Model, classes: tuple[str, ...]):
     return save
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run federated transfer learning and write the run folder."""
-    try:
-        config = RunConfig.parse(context.run_config)
-        classes = run_classes(config)
-        test, test_source = load_test_set(config, classes)
-    except ValueError as err:
-        log(ERROR, "Invalid run config: %s", err)
-        raise
-    log(INFO, "%d classes: %s", len(classes), ", ".join(classes))
-    if test is not None:
-        best_by = "server_accuracy"
+def _best_by(test_source: str, has_test: bool, config: RunConfig) -> str:
+    """The accuracy that picks best.keras, said in the log."""
+    if has_test:
         log(INFO, "Centralised evaluation on %s; best.keras follows its accuracy", test_source)
-    else:
-        best_by = "eval_accuracy"
-        log(
-            INFO,
-            "No server test set (%s): centralised evaluation is skipped; best.keras follows "
-            "the federated evaluation accuracy",
-            test_source,
-        )
-        if config.fraction_evaluate == 0:
-            log(WARNING, "fraction-evaluate=0 and no test set: no best.keras, only final.keras")
-    keras.utils.set_random_seed(config.seed)
-    image_shape = model_image_shape(config, test)
-    if config.input_size < PHOTO_INPUT_SIZE and config.dataset not in DATASETS:
-        log(
-            WARNING,
-            "input-size=%d: images are shrunk to %d px; ImageNet backbones see photos best at "
-            "%d (input-size=%d, or the Hydra preset dataset=images)",
-            config.input_size,
-            config.input_size,
-            PHOTO_INPUT_SIZE,
-            PHOTO_INPUT_SIZE,
-        )
-    model, init = initial_model(config, image_shape, len(classes))
-    compile_model(model, config.learning_rate)
+        return "server_accuracy"
+    log(
+        INFO,
+        "No server test set (%s): centralised evaluation is skipped; best.keras follows "
+        "the federated evaluation accuracy",
+        test_source,
+    )
+    if config.fraction_evaluate == 0:
+        log(WARNING, "fraction-evaluate=0 and no test set: no best.keras, only final.keras")
+    return "eval_accuracy"
 
+
+def _check_resumable(config: RunConfig, classes: tuple[str, ...], run_dir: Path) -> None:
+    """Refuse, in one line, to continue a run whose model or data this config changes."""
+    earlier = json.loads((run_dir / "config.json").read_text())
+    now = {**config.to_flower(), "classes": list(classes)}
+    before = {**earlier["run_config"], "classes": earlier["classes"]}
+    for key in RESUME_KEYS:
+        if before.get(key) != now[key]:
+            raise ValueError(
+                f"resume={config.resume!r} is not allowed with {key}={now[key]!r}: that run "
+                f"had {key}={before.get(key)!r}"
+            )
+
+
+def _new_run_dir(config: RunConfig, context: Context, classes: tuple[str, ...], init: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.results_dir.format(time=stamp, run_id=context.run_id))
     run_dir = run_dir.expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    log(INFO, "Results of this run go to %s", run_dir)
     (run_dir / "config.json").write_text(
         json.dumps(
             {
@@ -159,29 +161,89 @@ def main(grid: Grid, context: Context) -> None:
             indent=2,
         )
     )
+    return run_dir
 
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run federated transfer learning (or continue one) and write the run folder."""
+    try:
+        config = RunConfig.parse(context.run_config)
+        classes = run_classes(config)
+        test, test_source = load_test_set(config, classes)
+        checkpoint = None
+        if config.resume:
+            checkpoint = load_checkpoint(config.resume)
+            _check_resumable(config, classes, Path(config.resume).expanduser())
+    except ValueError as err:
+        log(ERROR, "Invalid run config: %s", err)
+        raise
+    log(INFO, "%d classes: %s", len(classes), ", ".join(classes))
+    best_by = _best_by(test_source, test is not None, config)
+    keras.utils.set_random_seed(config.seed)
+    image_shape = model_image_shape(config, test)
+    if config.input_size < PHOTO_INPUT_SIZE and config.dataset not in DATASETS:
+        log(
+            WARNING,
+            "input-size=%d: images are shrunk to %d px; ImageNet backbones see photos best at "
+            "%d (input-size=%d, or the Hydra preset dataset=images)",
+            config.input_size,
+            config.input_size,
+            PHOTO_INPUT_SIZE,
+            PHOTO_INPUT_SIZE,
+        )
+    if checkpoint is None:
+        model, init = initial_model(config, image_shape, len(classes))
+        run_dir, initial_arrays, done = _new_run_dir(config, context, classes, init), None, 0
+    else:
+        # The weights come from the checkpoint: no need to fetch pretrained ones.
+        model, _ = initial_model(replace(config, weights="none"), image_shape, len(classes))
+        run_dir, initial_arrays, done = (
+            Path(config.resume).expanduser().resolve(),
+            checkpoint.arrays,
+            checkpoint.round,
+        )
+        init = f"resume:{run_dir}@{done}"
+        log(INFO, "Resuming %s after round %d of %d", run_dir, done, config.num_server_rounds)
+    compile_model(model, config.learning_rate)
+    log(INFO, "Results of this run go to %s", run_dir)
+
+    folder = RunFolder(
+        run_dir,
+        _saver(model, classes),
+        {"init": init, "classes": list(classes), "best_by": best_by},
+        tensorboard=True,
+        best_by=best_by,
+    )
+    wire = ServerExchange(
+        config.exchange, config.compression, trainable_keys(model, config.fine_tune_layers)
+    )
+    if checkpoint is not None:
+        folder.continue_from(checkpoint)
+        folder.run_info.setdefault("resumed", []).append(
+            {"after_round": done, "run_id": context.run_id}
+        )
+        wire.restore(checkpoint.holders, checkpoint.bases)
     strategy = TransferFedAvg(
         schedule=TransferSchedule.from_config(config),
-        folder=RunFolder(
-            run_dir,
-            _saver(model, classes),
-            {"init": init, "classes": list(classes), "best_by": best_by},
-            tensorboard=True,
-            best_by=best_by,
-        ),
-        wire=ServerExchange(
-            config.exchange, config.compression, trainable_keys(model, config.fine_tune_layers)
-        ),
+        folder=folder,
+        wire=wire,
+        wait_for_nodes_timeout=config.wait_for_nodes_timeout,
+        rounds_done=done,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_train_nodes,
         min_evaluate_nodes=config.min_evaluate_nodes,
         min_available_nodes=config.min_available_nodes,
     )
+    if done >= config.num_server_rounds:
+        log(INFO, "Nothing to resume: %s already did %d rounds", run_dir, done)
+        return
     strategy.start(
         grid=grid,
-        initial_arrays=to_arrayrecord(model),
+        initial_arrays=initial_arrays if initial_arrays is not None else to_arrayrecord(model),
         num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
         train_config=ConfigRecord({CLASSES_KEY: list(classes)}),
         evaluate_config=ConfigRecord({CLASSES_KEY: list(classes)}),
         evaluate_fn=_evaluator(model, test, config.batch_size) if test is not None else None,

@@ -66,6 +66,11 @@ class TransferFedAvg(FedAvg):
         Where each round's record and the best and final models go.
     wire : ServerExchange
         Addresses each round's messages and decodes the replies.
+    wait_for_nodes_timeout : float
+        Seconds to wait for ``min_available_nodes`` before a round; then the run fails.
+    rounds_done : int
+        Rounds an earlier run already did (resuming from its checkpoint): Flower's
+        round 1 is round ``rounds_done + 1`` here, in messages, records and seeds.
     **kwargs
         Passed to ``FedAvg`` (fractions, minimum nodes).
 
@@ -76,15 +81,70 @@ class TransferFedAvg(FedAvg):
         schedule: TransferSchedule,
         folder: RunFolder,
         wire: ServerExchange,
+        wait_for_nodes_timeout: float = 600.0,
+        rounds_done: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.schedule = schedule
         self.folder = folder
         self.wire = wire
+        self.wait_for_nodes_timeout = wait_for_nodes_timeout
+        self.rounds_done = rounds_done
         self.global_arrays = ArrayRecord()
         self._round: dict[str, Any] = {}
         self._round_start = 0.0
+        # The messages of the round in flight: replies name their node through them.
+        self._sent: list[Message] = []
+
+    # ---- nodes -----------------------------------------------------------------
+
+    def _wait_for_nodes(self, grid: Grid) -> None:
+        """Wait, within ``wait_for_nodes_timeout``, for ``min_available_nodes`` nodes.
+
+        Flower's own sampling waits without limit, logging every second.
+        """
+        needed = self.min_available_nodes
+        deadline = time.monotonic() + self.wait_for_nodes_timeout
+        next_log = 0.0
+        while (connected := len(list(grid.get_node_ids()))) < needed:
+            now = time.monotonic()
+            if now >= deadline:
+                raise RuntimeError(
+                    f"only {connected} of the {needed} nodes needed (min-available-nodes) "
+                    f"are connected after wait-for-nodes-timeout={self.wait_for_nodes_timeout:g} s"
+                )
+            if now >= next_log:
+                log(INFO, "Waiting for nodes: %d of %d connected", connected, needed)
+                next_log = now + 30
+            time.sleep(1)
+
+    def _replies_by_node(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> list[tuple[int, Message]]:
+        """Each reply with the node it answers for; logs and counts the nodes that did not reply.
+
+        An error reply the SuperLink makes for a node (unavailable, crashed) comes
+        from the SuperLink's own id: the message it replies to names the node.
+        """
+        node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in self._sent}
+        answered = []
+        for reply in replies:
+            node = node_of.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.append((node, reply))
+        missing = sorted(node_of.values())
+        if missing:
+            log(
+                WARNING,
+                "Round %d: no reply from node(s) %s within round-timeout",
+                server_round,
+                ", ".join(map(str, missing)),
+            )
+            for node in missing:
+                self.wire.forget(node)  # it may hold nothing of what it was sent
+        self._round["missing_replies"] = self._round.get("missing_replies", 0) + len(missing)
+        self._sent = []
+        return answered
 
     # ---- train ---------------------------------------------------------------
 
@@ -92,6 +152,8 @@ class TransferFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes and send them the global model and this round's schedule."""
+        server_round += self.rounds_done
+        self._wait_for_nodes(grid)
         self._round_start = time.perf_counter()
         round_config = self.schedule.train_config(server_round)
         config.update(round_config)
@@ -104,6 +166,7 @@ class TransferFedAvg(FedAvg):
         self.wire.start_round()
         sampled = super().configure_train(server_round, arrays, config, grid)
         messages = self.wire.address(sampled, arrays, str(round_config["phase"]))
+        self._sent = messages
         log(
             INFO,
             "Round %d: phase %s, learning rate %g, %d nodes",
@@ -164,12 +227,13 @@ class TransferFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the valid replies' arrays by ``num-examples``; reject the rest."""
+        server_round += self.rounds_done
         total = 0.0
         summed: list[np.ndarray] | None = None
         metric_records: list[RecordDict] = []
         rejected = skipped = 0
-        for msg in replies:
-            self.wire.confirm(msg)
+        for node, msg in self._replies_by_node(server_round, replies):
+            self.wire.confirm(msg, node)
             checked = self._check_train_reply(msg)
             if isinstance(checked, str):
                 rejected += 1
@@ -177,7 +241,7 @@ class TransferFedAvg(FedAvg):
                     WARNING,
                     "Round %d: rejected reply from node %d: %s",
                     server_round,
-                    msg.metadata.src_node_id,
+                    node,
                     checked,
                 )
                 continue
@@ -229,16 +293,21 @@ class TransferFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes for federated evaluation of the global model."""
+        server_round += self.rounds_done
+        if self.fraction_evaluate > 0:
+            self._wait_for_nodes(grid)
         sampled = super().configure_evaluate(server_round, arrays, config, grid)
-        return self.wire.address(sampled, arrays, self.schedule.phase(server_round))
+        self._sent = self.wire.address(sampled, arrays, self.schedule.phase(server_round))
+        return self._sent
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Average the valid evaluation replies' metrics by ``num-examples``."""
+        server_round += self.rounds_done
         valid: list[RecordDict] = []
-        for msg in replies:
-            self.wire.confirm(msg)
+        for node, msg in self._replies_by_node(server_round, replies):
+            self.wire.confirm(msg, node)
             metrics = _only_metrics(msg)
             if not isinstance(metrics, str):
                 metrics = _metric_problem(metrics, EVAL_METRICS, self.weighted_by_key) or metrics
@@ -247,7 +316,7 @@ class TransferFedAvg(FedAvg):
                     WARNING,
                     "Round %d: ignored evaluation reply from node %d: %s",
                     server_round,
-                    msg.metadata.src_node_id,
+                    node,
                     metrics,
                 )
                 continue
@@ -273,13 +342,20 @@ class TransferFedAvg(FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Run FedAvg, recording every round and saving the best and final models."""
+        """Run FedAvg to round ``num_rounds``, recording and checkpointing every round.
+
+        ``timeout`` bounds each round's wait for replies. Resuming
+        (``rounds_done`` > 0), the rounds after ``rounds_done`` run.
+        """
         self.folder.run_info["num_rounds"] = num_rounds
         latest = {"arrays": initial_arrays}
 
         def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             # FedAvg.start calls this once before round 1 and at the end of every round.
             latest["arrays"] = arrays
+            if server_round == 0 and self.rounds_done > 0:
+                return None  # the resumed checkpoint's round: recorded by the earlier run
+            server_round += self.rounds_done
             server_metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
             self._end_round(server_round, arrays, server_metrics)
             return server_metrics
@@ -289,7 +365,7 @@ class TransferFedAvg(FedAvg):
             result = super().start(
                 grid,
                 initial_arrays,
-                num_rounds=num_rounds,
+                num_rounds=num_rounds - self.rounds_done,
                 timeout=timeout,
                 train_config=train_config,
                 evaluate_config=evaluate_config,
@@ -312,6 +388,7 @@ class TransferFedAvg(FedAvg):
             record.update({f"server_{k}": float(v) for k, v in server_metrics.items()})
         self._round = {}
         self.folder.record(record, arrays)
+        self.folder.checkpoint(server_round, arrays, self.wire.held(), self.wire.bases)
 
 
 def _trimmed(metrics: MetricRecord, keys: Iterable[str], weight_key: str) -> MetricRecord:

@@ -84,7 +84,7 @@ def test_each_node_gets_its_base_once_and_again_only_when_needed(tmp_path):
 
     # Node 1 confirms; node 2's reply is an error (e.g. it lost its stored base).
     for reply in (_ok(1), _failed(2)):
-        wire.confirm(reply)
+        wire.confirm(reply, reply.metadata.src_node_id)
     # The head trained: only trainable arrays changed, node 1 needs no new base.
     trained = ArrayRecord(dict(first.items()))
     trained["head/bias"] = Array(np.ones(4, np.float32))
@@ -93,7 +93,7 @@ def test_each_node_gets_its_base_once_and_again_only_when_needed(tmp_path):
     assert {m.content["config"][BASE_HASH] for m in messages} == {name}
 
     for reply in (_ok(2), _ok(3)):
-        wire.confirm(reply)
+        wire.confirm(reply, reply.metadata.src_node_id)
     # An array outside the trainable set changed: everyone needs the new model once.
     moved = ArrayRecord(dict(trained.items()))
     moved["conv1/kernel"] = Array(np.zeros(SHAPES["conv1/kernel"], np.float32))
@@ -102,7 +102,7 @@ def test_each_node_gets_its_base_once_and_again_only_when_needed(tmp_path):
     assert messages[0].content["config"][BASE_HASH] == base_hash(moved) != name
     # ...but in the fine-tune phase conv5 travels anyway, so a changed conv5 needs no base.
     for reply in (_ok(1), _ok(2)):
-        wire.confirm(reply)
+        wire.confirm(reply, reply.metadata.src_node_id)
     tuned = ArrayRecord(dict(moved.items()))
     tuned["conv5/kernel"] = Array(np.ones(SHAPES["conv5/kernel"], np.float32))
     messages, sent = wire.address(_sampled(1, 2), tuned, FINE_TUNE), wire.sent

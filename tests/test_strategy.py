@@ -193,3 +193,33 @@ def test_round_records_and_best_checkpoint(tmp_path):
     assert saved["best"] == {"round": 1, "server_accuracy": 0.5}
     assert (tmp_path / "best.keras").read_bytes() == b"model"
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_replies_name_the_node_they_answer_for_and_silent_nodes_are_counted(
+    tmp_path, flwr_warnings
+):
+    strategy = _strategy(tmp_path)
+    strategy.wire._holders = {7: "base", 8: "base", 9: "base"}
+    # What configure_train sent; the grid gave each message its id when it pushed it.
+    strategy._sent = [
+        Message(RecordDict(), metadata=message_metadata(0, node)) for node in (7, 8, 9)
+    ]
+    # The SuperLink answers for an unreachable node itself, from its own id (1 here).
+    unavailable = Message(
+        Error(code=3, reason="node unavailable"),
+        metadata=_metadata(1),
+    )
+    unavailable.metadata.__dict__["_reply_to_message_id"] = "0-7"
+    good = _reply(8, _arrays(np.random.default_rng(0)))
+    good.metadata.__dict__["_reply_to_message_id"] = "0-8"
+
+    arrays, _ = strategy.aggregate_train(4, [unavailable, good])
+
+    assert arrays is not None
+    lines = [r.getMessage() for r in flwr_warnings]
+    assert any("rejected reply from node 7: client error 3" in line for line in lines), lines
+    assert any("no reply from node(s) 9 within round-timeout" in line for line in lines), lines
+    assert strategy._round["missing_replies"] == 1 and strategy._round["rejected_replies"] == 1
+    # Nodes 7 and 9 may have lost what they were sent: their bases go again.
+    assert strategy.wire.held() == {8: "base"}
+

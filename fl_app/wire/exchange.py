@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from typing import IO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -58,18 +58,21 @@ def assemble(base: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({key: arrays.get(key, array) for key, array in base.items()})
 
 
-def _read_record(path: Path) -> ArrayRecord:
-    with np.load(path) as stored:
+def _read_record(file: IO[bytes]) -> ArrayRecord:
+    with np.load(file) as stored:
         return ArrayRecord({key: Array(stored[key]) for key in stored.files})
 
 
-def _write_record(path: Path, value: ArrayRecord) -> None:
-    with path.open("wb") as file:
-        np.savez(file, **{key: array.numpy() for key, array in value.items()})
+def _write_record(file: IO[bytes], value: ArrayRecord) -> None:
+    np.savez(file, **{key: array.numpy() for key, array in value.items()})
 
 
 class BaseStore(Store):
-    """Base models (ArrayRecords) by hash, as ``.npz`` files."""
+    """Base models (ArrayRecords) by hash, as ``.npz`` files.
+
+    A file that fails its checksum is deleted and is a miss (`fl_app.cache.Store`):
+    the node answers that it lacks the base, and the server sends it again.
+    """
 
     codec = Codec(".npz", _read_record, _write_record, ArrayRecord.count_bytes)
 
@@ -161,19 +164,37 @@ class ServerExchange:
         self.bases = {key: base for key, base in self.bases.items() if key in kept}
         return name, True
 
-    def confirm(self, msg: Message) -> None:
-        """Count a reply's bytes, and note whether its node now holds the base it was sent."""
-        node = msg.metadata.src_node_id
+    def confirm(self, msg: Message, node: int) -> None:
+        """Count a reply's bytes, and note whether ``node`` now holds the base it was sent.
+
+        ``node`` is the node the reply answers for (an error reply the SuperLink
+        makes comes from the SuperLink's own id).
+        """
         if msg.has_error():
-            # The node may have lost its stored base: send it again next time.
-            self._holders.pop(node, None)
-            self._pending.pop(node, None)
+            self.forget(node)
             return
         if node in self._pending:
             self._holders[node] = self._pending.pop(node)
         self.stats["bytes_received"] = self.stats.get("bytes_received", 0) + sum(
             r.count_bytes() for r in msg.content.array_records.values()
         )
+
+    def forget(self, node: int) -> None:
+        """Send ``node`` its base again next time: it failed, or did not answer."""
+        self._holders.pop(node, None)
+        self._pending.pop(node, None)
+
+    def held(self) -> dict[int, str]:
+        """Which base each node holds, by node id (for a checkpoint)."""
+        return dict(self._holders)
+
+    def restore(self, holders: Mapping[int, str], bases: Mapping[str, ArrayRecord]) -> None:
+        """Take up the bases nodes held in an earlier run (resuming from its checkpoint).
+
+        A node that lost its base since says so in its first reply and gets it again.
+        """
+        self.bases.update(bases)
+        self._holders.update({node: name for node, name in holders.items() if name in bases})
 
     def received(self, msg: Message) -> ArrayRecord | str:
         """A train reply's arrays, decompressed, or why they cannot be."""
