@@ -48,6 +48,10 @@ def frozen_digest(arrays: ArrayRecord, frozen_keys: Iterable[str]) -> str:
 
 
 class FeatureCache(Store):
-    """Activations (numpy arrays) by `feature_key`, as ``.npy`` files."""
+    """Activations (numpy arrays) by `feature_key`, as ``.npy`` files.
+
+    A file that fails its checksum is deleted and is a miss (`fl_app.cache.Store`):
+    the activations are computed again.
+    """
 
     codec = Codec(".npy", np.load, np.save, lambda value: value.nbytes)
