@@ -15,6 +15,7 @@ cache costs one recomputation, never a failure that repeats every round.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -163,7 +164,8 @@ class Store:
                 file.write(CHECKSUM_MAGIC + digest.digest())
             os.replace(partial, path)
         except OSError as error:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
             log(WARNING, "Cache entry %s could not be written (%s): not stored", path, error)
             return
         self._evict()
@@ -178,8 +180,8 @@ class Store:
                 size = os.fstat(file.fileno()).st_size
                 body = file.read(max(size - TRAILER_BYTES, 0))
                 trailer = file.read()
-        except FileNotFoundError:
-            return None
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # absent: a plain miss
         except OSError as error:
             self._discard(path, f"cannot be read ({error})")
             return None
@@ -245,7 +247,5 @@ class Store:
 
 def _touch(path: Path) -> None:
     """Mark a file as recently used, unless another process evicted it meanwhile."""
-    try:
+    with contextlib.suppress(OSError):
         os.utime(path)
-    except OSError:
-        pass
