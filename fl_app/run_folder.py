@@ -78,8 +78,17 @@ class RunFolder:
         best = checkpoint.run_info.get("best") or {}
         self.best_accuracy = best.get(self.best_by, -math.inf)
 
-    def record(self, record: dict[str, Any], arrays: ArrayRecord) -> None:
-        """Add a finished round (``record["round"]``; 0 is the start) and log its summary."""
+    def record(
+        self,
+        record: dict[str, Any],
+        arrays: ArrayRecord,
+        wire_state: tuple[Mapping[int, str], Mapping[str, ArrayRecord]] | None = None,
+    ) -> None:
+        """Add a finished round (``record["round"]``; 0 is the start) and log its summary.
+
+        With ``wire_state`` (which base each node holds, and the bases), the
+        round's checkpoint is written before ``metrics.json`` shows the round.
+        """
         self.rounds.append(record)
         accuracy = record.get(self.best_by)
         is_best = accuracy is not None and accuracy > self.best_accuracy
@@ -87,6 +96,8 @@ class RunFolder:
             self.best_accuracy = accuracy
             self.run_info["best"] = {"round": record["round"], self.best_by: accuracy}
             self.save(arrays, "best.keras")
+        if wire_state is not None:
+            self.checkpoint(record["round"], arrays, *wire_state)
         self.write_metrics("running")
         if self._tensorboard is not None:
             self._tensorboard(record)
@@ -114,10 +125,10 @@ class RunFolder:
         """Write the checkpoint of a completed round: the global arrays and the wire's state.
 
         The arrays file is written first and named by its round, then
-        ``checkpoint.json`` is renamed into place: a crash in between leaves the
-        previous checkpoint whole. ``holders`` says which base each node holds;
-        each base is written once (``base-<hash>.npz``), so that nodes keep theirs
-        across a resume.
+        ``checkpoint.json`` (with the rounds' records and the run info so far) is
+        renamed into place: a crash in between leaves the previous checkpoint
+        whole. ``holders`` says which base each node holds; each base is written
+        once (``base-<hash>.npz``), so that nodes keep theirs across a resume.
         """
         name = f"checkpoint-r{server_round:04d}.npz"
         _write_arrays(self.path / name, arrays)
@@ -132,6 +143,8 @@ class RunFolder:
             "keys": list(arrays.keys()),
             "holders": {str(node): base for node, base in holders.items()},
             "bases": base_files,
+            "run_info": self.run_info,
+            "rounds": self.rounds,
         }
         _write_text(self.path / CHECKPOINT, json.dumps(content, indent=2))
         for old in self.path.glob("checkpoint-r*.npz"):
@@ -147,7 +160,6 @@ def load_checkpoint(folder: str | os.PathLike, key: str = "resume") -> Checkpoin
     path = Path(folder).expanduser()
     try:
         content = json.loads((path / CHECKPOINT).read_text())
-        metrics = json.loads((path / METRICS).read_text())
         arrays = _read_arrays(path / content["arrays"], content["keys"])
         bases = {name: _read_arrays(path / file) for name, file in content["bases"].items()}
     except (OSError, ValueError, KeyError) as err:
@@ -155,11 +167,10 @@ def load_checkpoint(folder: str | os.PathLike, key: str = "resume") -> Checkpoin
             f"{key}={str(folder)!r} is not allowed: expected a run folder with a readable "
             f"{CHECKPOINT} ({err})"
         ) from err
-    done = int(content["round"])
-    rounds = [r for r in metrics.get("rounds", []) if r.get("round", math.inf) <= done]
-    run_info = {k: v for k, v in metrics.items() if k not in ("status", "rounds")}
     holders = {int(node): base for node, base in content["holders"].items()}
-    return Checkpoint(done, arrays, run_info, rounds, holders, bases)
+    return Checkpoint(
+        int(content["round"]), arrays, content["run_info"], content["rounds"], holders, bases
+    )
 
 
 def _write_text(final: Path, text: str) -> None:

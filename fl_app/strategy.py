@@ -387,8 +387,7 @@ class TransferFedAvg(FedAvg):
         if server_metrics is not None:
             record.update({f"server_{k}": float(v) for k, v in server_metrics.items()})
         self._round = {}
-        self.folder.record(record, arrays)
-        self.folder.checkpoint(server_round, arrays, self.wire.held(), self.wire.bases)
+        self.folder.record(record, arrays, (self.wire.held(), self.wire.bases))
 
 
 def _trimmed(metrics: MetricRecord, keys: Iterable[str], weight_key: str) -> MetricRecord:

@@ -41,8 +41,9 @@ class FinishedRun:
 class SimulationRunner:
     """Runs the app with `flwr run` on the test session's SuperLink."""
 
-    def __init__(self, cli: FlowerCLI) -> None:
+    def __init__(self, cli: FlowerCLI, link: LocalSuperLink | None = None) -> None:
         self.cli = cli
+        self.link = link
 
     def run(self, results_dir: Path, run_config: dict[str, object], num_supernodes: int = 2):
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ class SimulationRunner:
 def superlink(tmp_path_factory) -> SimulationRunner:
     """A `flower-superlink --simulation` for the session, stopped by PID at the end."""
     with LocalSuperLink(tmp_path_factory.mktemp("flwr_home")) as link:
-        yield SimulationRunner(link.cli)
+        yield SimulationRunner(link.cli, link)
 
 
 def log_lines(text: str, pattern: str) -> list[str]:
