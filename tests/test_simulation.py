@@ -102,3 +102,19 @@ def test_a_bad_value_fails_the_run_with_one_clear_line(superlink, tmp_path):
         and "input-size=16 is not allowed: expected an integer >= 32" in lines[0]
     )
     assert not run.run_dir.exists()  # nothing was started, nothing written
+
+
+def test_too_few_nodes_fail_the_run_in_one_line_after_the_wait(superlink, tmp_path):
+    config = {**TINY, "min-available-nodes": 3, "wait-for-nodes-timeout": 5}
+    run = superlink.run(tmp_path, config, num_supernodes=2)
+
+    assert run.status == "finished:failed", run.details + run.log[-3000:]
+    assert log_lines(
+        run.log,
+        r"only 2 of the 3 nodes needed \(min-available-nodes\) are connected after "
+        r"wait-for-nodes-timeout=5 s",
+    ), run.log[-3000:]
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    # What the run had done is kept: the start, evaluated and checkpointed.
+    assert metrics["status"] == "failed" and [r["round"] for r in metrics["rounds"]] == [0]
+    assert (run.run_dir / "checkpoint.json").is_file()
