@@ -11,6 +11,7 @@ folder's (`fl_app.run_folder.RunFolder`).
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -71,6 +72,9 @@ class TransferFedAvg(FedAvg):
     rounds_done : int
         Rounds an earlier run already did (resuming from its checkpoint): Flower's
         round 1 is round ``rounds_done + 1`` here, in messages, records and seeds.
+    seed : int
+        Seeds each round's node sampling, so that a resumed run samples as the
+        uninterrupted one would (given the same node ids).
     **kwargs
         Passed to ``FedAvg`` (fractions, minimum nodes).
 
@@ -83,6 +87,7 @@ class TransferFedAvg(FedAvg):
         wire: ServerExchange,
         wait_for_nodes_timeout: float = 600.0,
         rounds_done: int = 0,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -91,6 +96,7 @@ class TransferFedAvg(FedAvg):
         self.wire = wire
         self.wait_for_nodes_timeout = wait_for_nodes_timeout
         self.rounds_done = rounds_done
+        self.seed = seed
         self.global_arrays = ArrayRecord()
         self._round: dict[str, Any] = {}
         self._round_start = 0.0
@@ -155,6 +161,8 @@ class TransferFedAvg(FedAvg):
         server_round += self.rounds_done
         self._wait_for_nodes(grid)
         self._round_start = time.perf_counter()
+        # Flower samples with Python's global random: seed it per round.
+        random.seed(f"{self.seed}/{server_round}/train")
         round_config = self.schedule.train_config(server_round)
         config.update(round_config)
         self.global_arrays = arrays
@@ -296,6 +304,7 @@ class TransferFedAvg(FedAvg):
         server_round += self.rounds_done
         if self.fraction_evaluate > 0:
             self._wait_for_nodes(grid)
+        random.seed(f"{self.seed}/{server_round}/evaluate")
         sampled = super().configure_evaluate(server_round, arrays, config, grid)
         self._sent = self.wire.address(sampled, arrays, self.schedule.phase(server_round))
         return self._sent
