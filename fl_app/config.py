@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import string
+import tempfile
 import typing
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,9 @@ DATASET_ALLOWED = (
 # `test-data` values besides a dataset: the dataset's own test split, or none.
 OWN_TEST_SPLIT, NO_TEST_DATA = "", "none"
 CLASSES_FILE_SUFFIX = ".txt"
+# The HDF5 signature, at the start of every file Keras and h5py write (a user
+# block would move it to offset 512, 1024, ...; neither writes one).
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 RESULTS_DIR_FIELDS = ("time", "run_id")
 # The Hydra group of keys the launcher sets per job rather than the user.
 LAUNCHER = "launcher"
@@ -363,8 +368,9 @@ class RunConfig:
 
         Raises ``ValueError`` with one line naming the first bad key, its value and
         what is allowed. ``name`` turns a Flower key into the name the user wrote
-        (e.g. the Hydra path); ``check_files`` also requires a weights file to exist
-        (not on nodes: only the server reads it).
+        (e.g. the Hydra path); ``check_files`` also checks what the server reads and
+        writes (not on nodes): the dataset and test-data folders, the classes file, a
+        readable HDF5/zip weights file, and a results-dir that can be made.
         """
         name = name or (lambda flower: flower)
         parsed: dict[str, Any] = {}
@@ -407,10 +413,15 @@ class RunConfig:
                 parse_classes(self.classes)
             except ValueError as err:
                 raise ValueError(str(err).replace("classes=", f"{name('classes')}=", 1)) from None
-        if self.weights_file is not None and not self.weights_file.is_file():
+        if self.weights_file is not None:
+            problem = _weights_file_problem(self.weights_file)
+            if problem:
+                raise ValueError(f"{name('weights')}={self.weights!r} is not allowed: {problem}")
+        folder = _first_existing(Path(self.results_dir.format(time="x", run_id=0)).expanduser())
+        if not _writable_folder(folder):
             raise ValueError(
-                f"{name('weights')}={self.weights!r} is not allowed: expected "
-                "imagenet, none, or an existing .keras/.weights.h5/.h5 weights file"
+                f"{name('results-dir')}={self.results_dir!r} is not allowed: "
+                f"{folder} is not a writable folder"
             )
 
     @property
@@ -423,6 +434,40 @@ class RunConfig:
     def to_flower(self) -> dict[str, Any]:
         """The Flower run config: ``{flower key: value}``."""
         return {flower_key(spec): getattr(self, spec.name) for spec in fields()}
+
+
+def _weights_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be start weights, in a few words; ``None`` if it can."""
+    if not path.is_file():
+        return "expected imagenet, none, or an existing .keras/.weights.h5/.h5 weights file"
+    try:
+        with path.open("rb") as file:
+            head = file.read(len(HDF5_SIGNATURE))
+    except OSError as err:
+        return f"it cannot be read ({err.strerror})"
+    # The suffix says which format it must be; Keras picks its reader by suffix too.
+    ok = zipfile.is_zipfile(path) if path.suffix == ".keras" else head == HDF5_SIGNATURE
+    return None if ok else "it is not a Keras weights file (HDF5 / .keras zip)"
+
+
+def _first_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (``.`` ends a relative path's)."""
+    return next((p for p in (path, *path.parents) if p.exists()), path)
+
+
+def _writable_folder(path: Path) -> bool:
+    """Whether a file or folder can be made in ``path``, by trying it.
+
+    ``os.access`` is not enough: for root it says yes to ``/proc`` and ``/sys``,
+    where nothing can be made.
+    """
+    if not path.is_dir():
+        return False
+    try:
+        with tempfile.TemporaryDirectory(prefix=".fl_app-write-check-", dir=path):
+            return True
+    except OSError:
+        return False
 
 
 def fields() -> tuple[dataclasses.Field, ...]:

@@ -5,12 +5,21 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+import zipfile
 
 import hydra
 import pytest
 from omegaconf import OmegaConf
 
-from fl_app.config import RunConfig, defaults, fields, flower_key, hydra_path, markdown_table
+from fl_app.config import (
+    HDF5_SIGNATURE,
+    RunConfig,
+    defaults,
+    fields,
+    flower_key,
+    hydra_path,
+    markdown_table,
+)
 from fl_app.launch.experiment import CONF_DIR, check_config, precheck
 
 PYPROJECT = CONF_DIR.parent / "pyproject.toml"
@@ -112,6 +121,65 @@ def test_a_weights_file_is_checked_only_where_it_is_read():
     assert str(error.value).startswith("weights='/no/such/start.weights.h5' is not allowed")
 
 
+NOT_WEIGHTS = "it is not a Keras weights file (HDF5 / .keras zip)"
+
+
+@pytest.mark.parametrize(
+    "file_name,content",
+    [
+        ("start.weights.h5", b"a text file, renamed\n"),
+        ("start.h5", b""),
+        ("start.h5", b"PK\x03\x04 a zip is not an .h5 file"),
+        ("final.keras", HDF5_SIGNATURE + bytes(64)),  # HDF5 is not a .keras zip
+    ],
+)
+def test_a_weights_file_must_be_hdf5_or_a_keras_zip_by_its_suffix(tmp_path, file_name, content):
+    path = tmp_path / file_name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        RunConfig.parse({**defaults(), "weights": str(path)})
+    assert str(error.value) == f"weights={str(path)!r} is not allowed: {NOT_WEIGHTS}"
+    # The launcher refuses it with the same line, before anything starts.
+    assert precheck([f"model.weights={path}"]) == "model." + str(error.value)
+
+
+def test_real_hdf5_and_keras_zip_files_pass_the_weights_check(tmp_path):
+    import h5py  # Keras's own HDF5 library
+
+    with h5py.File(tmp_path / "start.weights.h5", "w") as file:
+        file["kernel"] = [1.0, 2.0]
+    with zipfile.ZipFile(tmp_path / "final.keras", "w") as file:
+        file.writestr("config.json", "{}")
+    for name in ("start.weights.h5", "final.keras"):
+        weights = str(tmp_path / name)
+        assert RunConfig.parse({**defaults(), "weights": weights}).weights == weights
+
+
+@pytest.mark.parametrize(
+    "results_dir,folder",
+    [
+        ("/proc/x/{run_id}", "/proc"),  # a folder even root cannot write into
+        ("TMP/notes.txt/{time}-run{run_id}", "TMP/notes.txt"),  # below a file
+    ],
+)
+def test_results_dir_must_be_makeable_in_a_writable_folder(tmp_path, results_dir, folder):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    results_dir, folder = (text.replace("TMP", str(tmp_path)) for text in (results_dir, folder))
+    with pytest.raises(ValueError) as error:
+        RunConfig.parse({**defaults(), "results-dir": results_dir})
+    assert str(error.value) == (
+        f"results-dir={results_dir!r} is not allowed: {folder} is not a writable folder"
+    )
+    # Nodes never write it: they do not check it.
+    assert RunConfig.parse({**defaults(), "results-dir": results_dir}, check_files=False)
+
+
+def test_a_results_dir_that_can_be_made_passes_and_is_not_made(tmp_path):
+    results_dir = f"{tmp_path}/runs/{{time}}-run{{run_id}}"
+    assert RunConfig.parse({**defaults(), "results-dir": results_dir}).results_dir == results_dir
+    assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
+
+
 @pytest.mark.parametrize(
     "argv,expected",
     [
@@ -137,6 +205,11 @@ def test_a_weights_file_is_checked_only_where_it_is_read():
         (
             ["model.weights=/no/such/weights.h5"],
             "model.weights='/no/such/weights.h5' is not allowed",
+        ),
+        (
+            ["model.weights=/etc/passwd"],
+            "model.weights='/etc/passwd' is not allowed: expected imagenet, none, or an existing "
+            ".keras/.weights.h5/.h5 weights file",
         ),
         (
             ["federation=deployment-tls"],

@@ -1,7 +1,8 @@
-"""The Hydra launcher end to end: real `flwr run` simulations, sweeps, Ctrl-C."""
+"""The Hydra launcher end to end: real `flwr run` simulations, sweeps, Ctrl-C, a dead ServerApp."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 from fl_app.launch import processes
+from fl_app.launch.experiment import mark_metrics
 
 TINY = [
     "num_server_rounds=2",
@@ -158,7 +160,8 @@ def test_ctrl_c_stops_the_run_and_everything_the_launcher_started(tmp_path):
     assert proc.returncode == 130, rest[-3000:]
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "interrupted"
-    assert (out / "metrics.json").is_file()  # what was written so far stays
+    metrics = json.loads((out / "metrics.json").read_text())  # what was written so far stays
+    assert metrics["status"] == "interrupted" and metrics["rounds"][0]["round"] == 0
     assert left_behind(tmp_path / "tmp") == set()
 
 
@@ -169,3 +172,102 @@ def test_unreachable_superlink_fails_cleanly(tmp_path, argv):
     assert done.returncode == 1
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "failed" and status["run_id"] is None
+
+
+def test_mark_metrics_keeps_what_the_serverapp_wrote(tmp_path):
+    written = {"status": "running", "num_rounds": 5, "rounds": [{"round": 0}, {"round": 1}]}
+    (tmp_path / "metrics.json").write_text(json.dumps(written))
+    mark_metrics(tmp_path, "failed", "finished:failed: No heartbeat received from the task")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics == {
+        **written,
+        "status": "failed",
+        "failure": "finished:failed: No heartbeat received from the task",
+    }
+    assert list(metrics)[:2] == ["status", "failure"]  # read first
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
+
+
+def test_mark_metrics_without_a_metrics_file_writes_one_with_no_rounds(tmp_path):
+    mark_metrics(tmp_path, "failed", "finished:failed: the ServerApp raised")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {
+        "status": "failed",
+        "failure": "finished:failed: the ServerApp raised",
+        "rounds": [],
+    }
+
+
+def rounds_recorded(run_dir: Path) -> list[int]:
+    """Rounds in the run folder's metrics.json so far (none while it is not there)."""
+    try:
+        return [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())["rounds"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def runs_a_serverapp(proc: psutil.Process) -> bool:
+    """Whether ``proc`` runs a ServerApp: `flwr-serverapp`, or in a simulation `flwr-simulation`."""
+    try:
+        return any(
+            Path(arg).name in ("flwr-simulation", "flwr-serverapp") for arg in proc.cmdline()
+        )
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.e2e
+def test_a_killed_serverapp_fails_the_run_and_the_launcher(tmp_path):
+    out = tmp_path / "job"
+    with (tmp_path / "launcher.log").open("w") as launcher_log:
+        launcher = psutil.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fl_app.launch.experiment",
+                *TINY,
+                "num_server_rounds=5",
+                "head_rounds=5",
+                f"hydra.run.dir={out}",
+            ],
+            cwd=tmp_path,
+            env=launcher_env(tmp_path),
+            stdout=launcher_log,
+            stderr=subprocess.STDOUT,
+        )
+    started: list[processes.ProcessRecord | None] = []
+    try:
+        processes.wait_until(
+            lambda: max(rounds_recorded(out), default=-1) >= 1,
+            300,
+            proc=launcher,
+            what="round 1 in metrics.json",
+        )
+        tree = launcher.children(recursive=True)
+        started = [processes.ProcessRecord.of(p) for p in tree]
+        (serverapp,) = [p for p in tree if runs_a_serverapp(p)]
+        before = json.loads((out / "metrics.json").read_text())
+        serverapp.kill()  # SIGKILL: it writes nothing more
+        killed = time.monotonic()
+        returncode = launcher.wait(180)
+        took = time.monotonic() - killed
+    finally:
+        if processes.alive(launcher):  # the test failed: Ctrl-C stops what it started
+            launcher.send_signal(signal.SIGINT)
+            with contextlib.suppress(psutil.TimeoutExpired):
+                launcher.wait(60)
+        processes.stop([launcher, *(p for r in started if r and (p := r.process()))])
+    log = (tmp_path / "launcher.log").read_text()
+    print(f"the launcher ended {took:.0f} s after the ServerApp was killed")
+
+    assert returncode == 1, log[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "failed" and status["flower_status"] == "finished:failed"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "failed"
+    assert status["details"] and metrics["failure"] == f"finished:failed: {status['details']}"
+    # What the ServerApp wrote stays: every round recorded before the kill, its run info.
+    assert metrics["rounds"][: len(before["rounds"])] == before["rounds"]
+    assert set(before) <= set(metrics)
+    alive = [record for record in started if record is not None and record.process()]
+    assert alive == [], "processes the launcher started are still running"
+    assert left_behind(tmp_path / "tmp") == set()

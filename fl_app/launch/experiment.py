@@ -12,11 +12,12 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fl_app.config import DATASETS, NO_TEST_DATA, RunConfig, flower_key, hydra_path
 from fl_app.config import fields as config_fields
+from fl_app.launch import processes
 from fl_app.launch.flower_cli import FlowerCLI, FlowerCLIError, RunStatus, write_connection
 from fl_app.launch.local_superlink import LocalSuperLink
 from fl_app.launch.sweep import summarize_sweep
@@ -199,7 +201,11 @@ def precheck(argv: list[str]) -> str | None:
 
 
 def _run_job(cfg: DictConfig, output_dir: Path) -> None:
-    """Run one experiment into ``output_dir``; record its outcome in ``status.json``."""
+    """Run one experiment into ``output_dir``; record its outcome in ``status.json``.
+
+    A run that did not complete is also marked in the run folder's ``metrics.json``
+    (see `mark_metrics`), since a ServerApp that died cannot do it itself.
+    """
     run_config = {**check_config(cfg), "results-dir": str(output_dir)}
     (output_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     fed = cfg.federation
@@ -208,11 +214,12 @@ def _run_job(cfg: DictConfig, output_dir: Path) -> None:
     cli: FlowerCLI | None = None
     status: RunStatus | None = None
     outcome = "failed"
+    failure = "the launcher stopped before Flower reported the run's end"
     started = time.monotonic()
     try:
         if fed.kind == "simulation":
             superlink = LocalSuperLink(flwr_home)
-            context: contextlib.AbstractContextManager = superlink
+            context: contextlib.AbstractContextManager = _nothing_left_behind(superlink)
             cli = superlink.cli
             federation_config = {
                 "num-supernodes": fed.num_supernodes,
@@ -232,10 +239,13 @@ def _run_job(cfg: DictConfig, output_dir: Path) -> None:
             cli.follow(run_id, sys.stdout, flower_log)
             status = cli.wait(run_id)
             outcome = "completed" if status.completed else "failed"
-    except RuntimeError as err:  # the SuperLink refused the run or could not start
+            failure = f"{status.status}: {status.details}" if status.details else status.status
+    except RuntimeError as err:  # the SuperLink refused the run, could not start or went away
         log.error("%s", err)
+        failure = str(err)
     except KeyboardInterrupt:
         outcome = "interrupted"
+        failure = "interrupted: the launcher stopped the run"
         # The simulation's SuperLink context already stopped its runs; a deployment
         # SuperLink is not ours to stop, but our run on it is.
         if fed.kind != "simulation" and cli is not None and run_id is not None:
@@ -243,9 +253,101 @@ def _run_job(cfg: DictConfig, output_dir: Path) -> None:
                 cli.stop(run_id)
         raise
     finally:
+        if run_id is not None:  # a run was submitted: its folder's metrics.json is ours too
+            _settle_metrics(output_dir, outcome, failure)
         _write_status(output_dir, outcome, run_id, status, time.monotonic() - started)
         _outcomes.append(outcome)
         shutil.rmtree(flwr_home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _nothing_left_behind(superlink: LocalSuperLink) -> Iterator[LocalSuperLink]:
+    """Enter ``superlink``; on the way out also stop every process ever seen below it.
+
+    `LocalSuperLink` stops the processes below it when it stops. A simulation
+    process that dies (a killed ServerApp) leaves its Ray processes re-parented to
+    init, out of that tree; some Ray agents outlive it by more than a minute.
+    """
+    below = processes.Descendants(lambda: [superlink.proc] if superlink.proc else [])
+    try:
+        with superlink:
+            below.watch()
+            yield superlink
+            below.look()
+    finally:
+        below.close()
+        with processes.interrupts_deferred():
+            processes.stop(p for record in below.records() if (p := record.process()))
+
+
+def mark_metrics(run_dir: Path, status: str, failure: str) -> None:
+    """Mark the run folder's ``metrics.json`` as ended with ``status``, and say why.
+
+    The ServerApp writes ``metrics.json`` as the run goes (``"status": "running"``)
+    and marks its own end; one that was killed cannot. This sets ``status`` and
+    adds ``failure`` and keeps everything else (the rounds recorded so far). With
+    no ``metrics.json`` (the ServerApp died before round 0, or runs on another
+    machine), it writes one with no rounds. Atomic, like the ServerApp's writes.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run folder (the run's ``results-dir``).
+    status : str
+        How the run ended: ``failed`` or ``interrupted``.
+    failure : str
+        Why, in one line (Flower's status and details, for a failed run).
+
+    Raises
+    ------
+    ValueError
+        If ``metrics.json`` is there but not a JSON object (then it is left as it is).
+    """
+    path = run_dir / "metrics.json"
+    written = _read_metrics(path)
+    content = {"status": status, "failure": failure}
+    if written is None:
+        content["rounds"] = []
+    else:
+        content.update((k, v) for k, v in written.items() if k not in content)
+    partial = path.with_name(".metrics.json.launcher.partial")
+    partial.write_text(json.dumps(content, indent=2))
+    os.replace(partial, path)
+
+
+def _settle_metrics(run_dir: Path, outcome: str, failure: str) -> None:
+    """Make ``metrics.json`` agree with Flower's final status of the run."""
+    path = run_dir / "metrics.json"
+    try:
+        content = _read_metrics(path)
+    except (OSError, ValueError) as err:  # not what the ServerApp writes: leave it be
+        log.warning("%s is not a readable metrics file (%s); left as it is", path, err)
+        return
+    # None: no file here, as when a deployment's ServerApp writes on another machine.
+    written = content.get("status") if content is not None else None
+    if outcome == "completed":
+        if content is not None and written != "completed":
+            log.warning("Flower says the run completed, but %s says %r", path, written)
+    elif written == "completed":
+        log.warning("%s says completed, but Flower says %s; left as it is", path, failure)
+    else:
+        try:
+            mark_metrics(run_dir, outcome, failure)
+        except OSError as err:  # status.json still gets written
+            log.warning("Could not mark %s %s: %s", path, outcome, err)
+            return
+        log.info("Marked %s %s: %s", path, outcome, failure)
+
+
+def _read_metrics(path: Path) -> dict[str, Any] | None:
+    """``metrics.json`` as a dict; ``None`` if there is none. Raises on anything else."""
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    if not isinstance(content, dict):
+        raise ValueError("not a JSON object")
+    return content
 
 
 def _write_status(
