@@ -43,6 +43,8 @@ DATASET_ALLOWED = (
 # `test-data` values besides a dataset: the dataset's own test split, or none.
 OWN_TEST_SPLIT, NO_TEST_DATA = "", "none"
 CLASSES_FILE_SUFFIX = ".txt"
+# What a run folder holds after every round, and what `resume` continues from.
+CHECKPOINT_FILE = "checkpoint.json"
 # The HDF5 signature, at the start of every file Keras and h5py write (a user
 # block would move it to offset 512, 1024, ...; neither writes one).
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -413,7 +415,13 @@ class RunConfig:
                 parse_classes(self.classes)
             except ValueError as err:
                 raise ValueError(str(err).replace("classes=", f"{name('classes')}=", 1)) from None
-        if self.weights_file is not None:
+        if self.resume and not (Path(self.resume).expanduser() / CHECKPOINT_FILE).is_file():
+            raise ValueError(
+                f"{name('resume')}={self.resume!r} is not allowed: expected a run folder holding "
+                f"{CHECKPOINT_FILE} (one written by fl_app after round 0)"
+            )
+        # Resuming, the weights come from the checkpoint.
+        if self.weights_file is not None and not self.resume:
             problem = _weights_file_problem(self.weights_file)
             if problem:
                 raise ValueError(f"{name('weights')}={self.weights!r} is not allowed: {problem}")

@@ -20,8 +20,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.common import log
 
+from fl_app.config import CHECKPOINT_FILE
+
 SaveModel = Callable[[ArrayRecord, Path], None]
-CHECKPOINT = "checkpoint.json"
+CHECKPOINT = CHECKPOINT_FILE
 METRICS = "metrics.json"
 
 

@@ -72,10 +72,14 @@ def test_a_folder_without_checkpoint_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"resume=.* is not allowed: expected a run folder") as err:
         load_checkpoint(tmp_path)
     assert "\n" not in str(err.value)
+    # The launcher and the server refuse it before anything starts.
+    with pytest.raises(ValueError, match=r"resume=.* is not allowed: .* holding checkpoint.json"):
+        RunConfig.parse({**defaults(), "resume": str(tmp_path)})
 
 
 def test_resuming_with_another_model_or_data_is_refused_naming_the_key(tmp_path):
-    config = RunConfig.parse({**defaults(), "resume": str(tmp_path)}, check_files=False)
+    (tmp_path / "checkpoint.json").write_text("{}")
+    config = RunConfig.parse({**defaults(), "resume": str(tmp_path)})
     (tmp_path / "config.json").write_text(
         json.dumps({"run_config": defaults(), "classes": ["a", "b"]})
     )
