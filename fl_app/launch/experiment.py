@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fl_app.config import DATASETS, NO_TEST_DATA, RunConfig, flower_key, hydra_path
 from fl_app.config import fields as config_fields
-from fl_app.launch import processes
 from fl_app.launch.flower_cli import FlowerCLI, FlowerCLIError, RunStatus, write_connection
 from fl_app.launch.local_superlink import LocalSuperLink
 from fl_app.launch.sweep import summarize_sweep
@@ -219,7 +218,7 @@ def _run_job(cfg: DictConfig, output_dir: Path) -> None:
     try:
         if fed.kind == "simulation":
             superlink = LocalSuperLink(flwr_home)
-            context: contextlib.AbstractContextManager = _nothing_left_behind(superlink)
+            context: contextlib.AbstractContextManager = superlink
             cli = superlink.cli
             federation_config = {
                 "num-supernodes": fed.num_supernodes,
@@ -258,26 +257,6 @@ def _run_job(cfg: DictConfig, output_dir: Path) -> None:
         _write_status(output_dir, outcome, run_id, status, time.monotonic() - started)
         _outcomes.append(outcome)
         shutil.rmtree(flwr_home, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _nothing_left_behind(superlink: LocalSuperLink) -> Iterator[LocalSuperLink]:
-    """Enter ``superlink``; on the way out also stop every process ever seen below it.
-
-    `LocalSuperLink` stops the processes below it when it stops. A simulation
-    process that dies (a killed ServerApp) leaves its Ray processes re-parented to
-    init, out of that tree; some Ray agents outlive it by more than a minute.
-    """
-    below = processes.Descendants(lambda: [superlink.proc] if superlink.proc else [])
-    try:
-        with superlink:
-            below.watch()
-            yield superlink
-            below.look()
-    finally:
-        below.close()
-        with processes.interrupts_deferred():
-            processes.stop(p for record in below.records() if (p := record.process()))
 
 
 def mark_metrics(run_dir: Path, status: str, failure: str) -> None:

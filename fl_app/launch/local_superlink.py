@@ -52,6 +52,9 @@ class LocalSuperLink:
         self.cli = FlowerCLI(self.flwr_home, env)
         self.timeout = timeout
         self.proc: psutil.Popen | None = None
+        # Everything ever seen below it: a simulation process that dies (a killed
+        # ServerApp) leaves its Ray processes re-parented to init, out of its tree.
+        self.below = processes.Descendants(lambda: [self.proc] if self.proc else [])
 
     def __enter__(self) -> LocalSuperLink:
         write_connection(self.flwr_home, self.address, insecure=True)
@@ -68,6 +71,7 @@ class LocalSuperLink:
         ]
         with processes.interrupts_deferred():
             self.proc = processes.start(cmd, log=log, cwd=self.flwr_home, env=self.cli.env)
+            self.below.watch()
         try:
             processes.wait_until(
                 lambda: superlink_healthy(self.address),
@@ -93,5 +97,8 @@ class LocalSuperLink:
                     with contextlib.suppress(FlowerCLIError):
                         self.cli.stop_unfinished_runs()
             finally:
+                self.below.look()
                 processes.stop_tree(self.proc)
                 self.proc = None
+                self.below.close()
+                processes.stop(p for record in self.below.records() if (p := record.process()))
