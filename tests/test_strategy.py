@@ -222,4 +222,3 @@ def test_replies_name_the_node_they_answer_for_and_silent_nodes_are_counted(
     assert strategy._round["missing_replies"] == 1 and strategy._round["rejected_replies"] == 1
     # Nodes 7 and 9 may have lost what they were sent: their bases go again.
     assert strategy.wire.held() == {8: "base"}
-
