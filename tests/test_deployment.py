@@ -46,6 +46,7 @@ COMMANDS = [
     ("deploy", "supernode"),
     ("local", "up"),
     ("local", "down"),
+    ("local", "restart"),
     ("local", "stop-superlink"),
     ("data", "prepare"),
     ("sweep", "summarize"),

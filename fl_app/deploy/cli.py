@@ -45,7 +45,8 @@ deploy = typer.Typer(
     add_completion=False,
 )
 local = typer.Typer(
-    help="A federation on this machine: `up` in the background, `down` by PID.",
+    help="A federation on this machine: `up` in the background, `restart` a node or the"
+    " SuperLink, `down` by PID.",
     add_completion=False,
 )
 
@@ -225,8 +226,10 @@ def up(
     per node (unless --data-root already holds node-<i>/partition.npz), starts a
     SuperLink on a free loopback port, registers the node keys, starts the
     SuperNodes, waits until they are online, and writes DIR/federation.json
-    (processes, ports, FLWR_HOME, connection). `fl-app local down --dir DIR`
-    stops exactly those processes and what they started.
+    (processes, ports, FLWR_HOME, connection). The SuperLink keeps its state in
+    DIR/superlink.db (fresh at every `up`), so `fl-app local restart --dir DIR
+    superlink` keeps the registered keys. `fl-app local down --dir DIR` stops
+    exactly those processes and what they started.
     """
     from fl_app.deploy.local_federation import LocalFederation
 
@@ -261,6 +264,8 @@ def up(
         f"  fl-app-experiment federation=deployment-tls federation.address={fed.address}"
         f" federation.root_certificates={fed.certs.ca_cert}"
     )
+    print("Restart a node or the SuperLink (same keys, ports and database):")
+    print(f"  fl-app local restart --dir {fed.directory} node-0   # or: superlink")
     print("Stop everything:")
     print(f"  fl-app local down --dir {fed.directory}")
     return 0
@@ -270,16 +275,54 @@ def up(
 def down(
     directory: Annotated[Path, typer.Option("--dir", help="the federation's folder")],
 ) -> int:
-    """Stop everything `up` started in DIR (recorded by PID and start time)."""
+    """Stop everything `up` started in DIR (recorded by PID and start time).
+
+    Stops unfinished runs, then the SuperNodes, the SuperLink and the rest of
+    their process groups (ClientApps and ServerApps whose parent has gone
+    included), then checks that none of the processes it recorded still runs:
+    any left is an error naming its PID.
+    """
     from fl_app.deploy.local_federation import LocalFederation
 
-    fed = LocalFederation(directory)
-    if not fed.state_file.is_file():
-        raise DeploymentError(
-            f"{fed.state_file} is not a file: expected the state of a federation `up`"
-        )
+    fed = LocalFederation.attach(directory)
     fed.down()
-    print(f"Stopped the federation in {fed.directory}")
+    print(f"Stopped the federation in {fed.directory}: no process it started is left")
+    return 0
+
+
+@local.command("restart")
+def restart(
+    directory: Annotated[Path, typer.Option("--dir", help="the federation's folder")],
+    target: Annotated[
+        str, typer.Argument(metavar="superlink|NODE", help="`superlink`, or a node's name")
+    ],
+    timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for each start")] = 120,
+) -> int:
+    """Stop one process of the federation in DIR (if it runs) and start it again.
+
+    A node (e.g. node-1) comes back with the same key, node id, data, cache and
+    port, and its process group is stopped first (no ClientApp of the old one is
+    left); a node that was killed is started once the SuperLink has marked it
+    offline (up to 60 s: two missed heartbeats). The SuperLink comes back on the
+    same port with the same database: registered keys are kept, SuperNodes that
+    still run reconnect by themselves, and any that exited is started again.
+    Runs in flight when the SuperLink stops end (Flower's ServerApp exits with
+    it); continue one with `resume=<its run folder>`.
+    """
+    from fl_app.deploy.local_federation import LocalFederation
+
+    fed = LocalFederation.attach(directory, timeout=timeout)
+    if target == "superlink":
+        outcome = fed.restart_superlink()
+        assert fed.superlink is not None
+        print(f"SuperLink  pid {fed.superlink.pid}  {fed.address}  database {fed.database}")
+        for node in fed.nodes:
+            if node.name in outcome and node.proc is not None:
+                print(f"SuperNode  pid {node.proc.pid}  {node.name}  {outcome[node.name]}")
+        return 0
+    node = fed.restart_node(target)
+    assert node.proc is not None
+    print(f"SuperNode  pid {node.proc.pid}  {node.name}  node id {node.node_id}  online again")
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Processes are started here (`start`, `run`), remembered across processes as
 `ProcessRecord` ``(pid, create_time)`` pairs that never touch a reused PID,
-found below their parents with `descendants`, waited for with `wait_until`, and
-stopped with `stop`: SIGTERM, a grace period, then SIGKILL.
+found below their parents with `descendants` and in their process group with
+`group`, waited for with `wait_until`, and stopped with `stop`: SIGTERM, a
+grace period, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -219,6 +220,62 @@ def stop_tree(proc: psutil.Process, timeout: float = 15) -> list[psutil.Process]
     """Stop ``proc`` first (it may stop its own children), then what was below it."""
     below = descendants(proc)
     return stop([proc], timeout) + stop(below, timeout)
+
+
+def group(leader: ProcessRecord) -> list[psutil.Process]:
+    """The running processes of the process group that ``leader`` leads, itself included.
+
+    `start` puts each process in its own session, so it leads a group that its
+    children, and theirs, join, and stay in after their parent has gone
+    (re-parented orphans are no longer below anything). POSIX never reuses a
+    group's ID while the group has members, so a group whose leader has ended
+    is still recognised; a leader's PID that now names another process means
+    the group has ended.
+    """
+    return in_groups([leader])
+
+
+def in_groups(leaders: Iterable[ProcessRecord]) -> list[psutil.Process]:
+    """The running processes of the groups the recorded processes lead, those included.
+
+    A recorded process that leads no group stands for itself (see `group`).
+    """
+    ours: dict[int, ProcessRecord] = {}
+    found: dict[int, psutil.Process] = {}
+    for leader in leaders:
+        try:
+            proc = psutil.Process(leader.pid)
+            if abs(proc.create_time() - leader.create_time) >= SAME_START:
+                continue  # the PID names another process now
+            if alive(proc):
+                found[proc.pid] = proc
+        except psutil.Error:
+            pass
+        ours[leader.pid] = leader
+    for proc in psutil.process_iter() if ours else ():
+        try:
+            leader = ours.get(os.getpgid(proc.pid))
+            # A member started after its leader: a cheap guard on top of POSIX's promise.
+            if leader and proc.create_time() > leader.create_time - SAME_START and alive(proc):
+                found.setdefault(proc.pid, proc)
+        except (OSError, psutil.Error):
+            continue
+    return list(found.values())
+
+
+def stop_group(leader: ProcessRecord, timeout: float = 15) -> list[psutil.Process]:
+    """Stop ``leader`` first (it may stop its own children), then the rest of its group.
+
+    Returns
+    -------
+    list of psutil.Process
+        Those still running at the end.
+    """
+    members = group(leader)
+    left = stop([p for p in members if p.pid == leader.pid], timeout)
+    # Members it did not stop, and any it started meanwhile.
+    rest = {p.pid: p for p in [*members, *group(leader)] if p.pid != leader.pid}
+    return left + stop(rest.values(), timeout)
 
 
 class Descendants:
