@@ -230,6 +230,7 @@ def main(grid: Grid, context: Context) -> None:
         wire=wire,
         wait_for_nodes_timeout=config.wait_for_nodes_timeout,
         rounds_done=done,
+        resumed=checkpoint is not None,
         seed=config.seed,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,

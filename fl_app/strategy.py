@@ -72,6 +72,9 @@ class TransferFedAvg(FedAvg):
     rounds_done : int
         Rounds an earlier run already did (resuming from its checkpoint): Flower's
         round 1 is round ``rounds_done + 1`` here, in messages, records and seeds.
+    resumed : bool
+        Whether the run continues a checkpoint (of round ``rounds_done``, maybe 0),
+        whose round is already recorded.
     seed : int
         Seeds each round's node sampling, so that a resumed run samples as the
         uninterrupted one would (given the same node ids).
@@ -87,6 +90,7 @@ class TransferFedAvg(FedAvg):
         wire: ServerExchange,
         wait_for_nodes_timeout: float = 600.0,
         rounds_done: int = 0,
+        resumed: bool = False,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -96,6 +100,7 @@ class TransferFedAvg(FedAvg):
         self.wire = wire
         self.wait_for_nodes_timeout = wait_for_nodes_timeout
         self.rounds_done = rounds_done
+        self.resumed = resumed
         self.seed = seed
         self.global_arrays = ArrayRecord()
         self._round: dict[str, Any] = {}
@@ -126,7 +131,7 @@ class TransferFedAvg(FedAvg):
             time.sleep(1)
 
     def _replies_by_node(
-        self, server_round: int, replies: Iterable[Message]
+        self, server_round: int, replies: Iterable[Message], missing_key: str
     ) -> list[tuple[int, Message]]:
         """Each reply with the node it answers for; logs and counts the nodes that did not reply.
 
@@ -148,7 +153,7 @@ class TransferFedAvg(FedAvg):
             )
             for node in missing:
                 self.wire.forget(node)  # it may hold nothing of what it was sent
-        self._round["missing_replies"] = self._round.get("missing_replies", 0) + len(missing)
+        self._round[missing_key] = len(missing)
         self._sent = []
         return answered
 
@@ -240,7 +245,7 @@ class TransferFedAvg(FedAvg):
         summed: list[np.ndarray] | None = None
         metric_records: list[RecordDict] = []
         rejected = skipped = 0
-        for node, msg in self._replies_by_node(server_round, replies):
+        for node, msg in self._replies_by_node(server_round, replies, "missing_replies"):
             self.wire.confirm(msg, node)
             checked = self._check_train_reply(msg)
             if isinstance(checked, str):
@@ -315,7 +320,7 @@ class TransferFedAvg(FedAvg):
         """Average the valid evaluation replies' metrics by ``num-examples``."""
         server_round += self.rounds_done
         valid: list[RecordDict] = []
-        for node, msg in self._replies_by_node(server_round, replies):
+        for node, msg in self._replies_by_node(server_round, replies, "eval_missing_replies"):
             self.wire.confirm(msg, node)
             metrics = _only_metrics(msg)
             if not isinstance(metrics, str):
@@ -362,7 +367,7 @@ class TransferFedAvg(FedAvg):
         def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             # FedAvg.start calls this once before round 1 and at the end of every round.
             latest["arrays"] = arrays
-            if server_round == 0 and self.rounds_done > 0:
+            if server_round == 0 and self.resumed:
                 return None  # the resumed checkpoint's round: recorded by the earlier run
             server_round += self.rounds_done
             server_metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None

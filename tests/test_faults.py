@@ -400,11 +400,6 @@ def test_a_killed_superlink_restarts_on_its_database_and_the_run_resumes(
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    reason="fl_app/strategy.py records round 0 again when resuming from a round-0 checkpoint"
-    " (TransferFedAvg.start skips the resumed round's evaluation only if rounds_done > 0)",
-)
 def test_a_run_resumed_after_round_0_records_each_round_once(superlink_crash):
     metrics = json.loads((superlink_crash.run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1]
