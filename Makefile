@@ -21,12 +21,13 @@ FLOWER_ENV := FLWR_HOME="$(CURDIR)/.flwr" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTAL
 FMNIST_FILE := train-images-idx3-ubyte.gz
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 
-.PHONY: help run test test-fast lint stop install data
+.PHONY: help run test test-fast test-faults lint stop install data
 
 help:
 	@echo "make run        train: a local Flower simulation with the default run config"
 	@echo "make test       the full test suite (python -m pytest -q), ~14 min on 2 cores"
 	@echo "make test-fast  the tests not marked e2e, < 2 min"
+	@echo "make test-faults  the fault rehearsals outside make test (killed nodes, SuperLink restart), ~5 min"
 	@echo "make lint       ruff check and ruff format --check"
 	@echo "make stop       stop the local SuperLink that 'make run' left running"
 	@echo "make install    only the setup: .venv with pip install -e \".[dev]\""
@@ -36,6 +37,9 @@ run: install data
 
 test: install data
 	$(IN_VENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-faults: install data
+	$(IN_VENV) $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-fast: install data
 	$(IN_VENV) $(BIN)/python -m pytest -q -m "not e2e" $(PYTEST_ARGS)

@@ -271,6 +271,7 @@ def test_a_killed_supernode_is_left_out_then_rejoins_after_a_restart(federation,
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_two_killed_supernodes_keep_the_model_and_the_run_fails_clearly(federation, tmp_path):
     dead = federation.nodes[1:]
     run = LiveRun(
@@ -367,6 +368,7 @@ def superlink_crash(federation, tmp_path_factory):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_killed_superlink_restarts_on_its_database_and_the_run_resumes(
     federation, superlink_crash
 ):
@@ -400,6 +402,7 @@ def test_a_killed_superlink_restarts_on_its_database_and_the_run_resumes(
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_run_resumed_after_round_0_records_each_round_once(superlink_crash):
     metrics = json.loads((superlink_crash.run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1]
