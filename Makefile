@@ -25,7 +25,7 @@ FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 
 help:
 	@echo "make run        train: a local Flower simulation with the default run config"
-	@echo "make test       the full test suite (python -m pytest -q), ~14 min on 2 cores"
+	@echo "make test       the full test suite (python -m pytest -q), ~20 min on 2 cores"
 	@echo "make test-fast  the tests not marked e2e, < 2 min"
 	@echo "make test-faults  the fault rehearsals outside make test (killed nodes, SuperLink restart), ~5 min"
 	@echo "make lint       ruff check and ruff format --check"
