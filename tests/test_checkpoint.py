@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -93,3 +95,44 @@ def test_resuming_with_another_model_or_data_is_refused_naming_the_key(tmp_path)
     with pytest.raises(ValueError, match=r"with classes=.*that run had classes=") as err:
         _check_resumable(config, ("a", "c"), tmp_path)
     assert "\n" not in str(err.value)
+
+
+CRASH = """
+import os, sys
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from fl_app.run_folder import RunFolder
+
+folder, value, stage, keys = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+arrays = ArrayRecord({k: Array(np.full((3, 2), value, np.float32)) for k in keys.split(",")})
+run = RunFolder(folder, lambda arrays, path: path.write_bytes(f"model {value:g}".encode()))
+real_replace = os.replace
+
+def crash_before(src, dst):
+    # The process dies right after the temporary file is written, before its rename.
+    if os.path.basename(dst) == stage:
+        os._exit(9)
+    real_replace(src, dst)
+
+os.replace = crash_before
+run.save(arrays, "best.keras")
+run.checkpoint(int(value), arrays, {}, {})
+"""
+
+
+@pytest.mark.parametrize("stage", ["best.keras", "checkpoint-r0002.npz", "checkpoint.json"])
+def test_a_process_killed_while_saving_leaves_the_previous_files_whole(tmp_path, stage):
+    def run(value: float, crash_at: str) -> int:
+        return subprocess.run(
+            [sys.executable, "-c", CRASH, str(tmp_path), str(value), crash_at, ",".join(KEYS)],
+            check=False,
+        ).returncode
+
+    assert run(1.0, "none") == 0
+    assert run(2.0, stage) == 9  # killed mid-save
+    # What the first process saved is whole; the second one's half is never read.
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint.round == 1
+    np.testing.assert_array_equal(checkpoint.arrays["conv/kernel"].numpy(), np.ones((3, 2)))
+    expected = b"model 2" if stage != "best.keras" else b"model 1"
+    assert (tmp_path / "best.keras").read_bytes() == expected
