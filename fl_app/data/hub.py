@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_app.data.images import DECODE_ERRORS, to_array, warn_unreadable
+from fl_app.data.images import read_rows, to_array
 
 HUB_HOST = "huggingface.co"
 
@@ -196,29 +196,27 @@ class TableSource:
         """Decode the images of ``rows``; an unreadable one is skipped with one warning."""
         from PIL import Image
 
-        images, ok = [], np.zeros(len(rows), bool)
-        for i, (row, cell) in enumerate(
-            zip(rows, self.table[[int(r) for r in rows]][self.image_column], strict=True)
-        ):
-            cell = cell or {"bytes": None, "path": None}  # a null image is skipped as well
-            try:
-                if cell["bytes"] is not None:
-                    data = cell["bytes"]
-                elif cell["path"]:
-                    data = Path(cell["path"]).read_bytes()
-                else:
-                    raise ValueError("no image")
-                with Image.open(io.BytesIO(data)) as image:
-                    images.append(to_array(image, self.size, 3))
-                ok[i] = True
-            except DECODE_ERRORS as err:
-                if int(row) not in self.failed:
-                    self.failed.add(int(row))
-                    what = cell["path"] or ("bytes" if cell["bytes"] is not None else "null")
-                    warn_unreadable(f"row {int(row)} ({what})", err)
-        if not images:
-            return np.zeros((0, *self.image_shape), np.uint8), ok
-        return np.stack(images), ok
+        # A null image is skipped as well.
+        empty = {"bytes": None, "path": None}
+        cells = [c or empty for c in self.table[[int(r) for r in rows]][self.image_column]]
+
+        def decode(i: int) -> np.ndarray:
+            cell = cells[i]
+            if cell["bytes"] is not None:
+                data = cell["bytes"]
+            elif cell["path"]:
+                data = Path(cell["path"]).read_bytes()
+            else:
+                raise ValueError("no image")
+            with Image.open(io.BytesIO(data)) as image:
+                return to_array(image, self.size, 3)
+
+        def name(i: int) -> str:
+            cell = cells[i]
+            what = cell["path"] or ("bytes" if cell["bytes"] is not None else "null")
+            return f"row {int(rows[i])} ({what})"
+
+        return read_rows(rows, decode, name, self.failed, self.image_shape)
 
     def digest(self, rows: np.ndarray) -> str:
         """A digest of the table's fingerprint, the rows and the decode size."""

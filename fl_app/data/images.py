@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,33 @@ def warn_unreadable(name: Any, err: BaseException) -> None:
     log(WARNING, "Skipped unreadable image %s (%s)", name, reason)
 
 
+def read_rows(
+    rows: np.ndarray,
+    decode: Callable[[int], np.ndarray],
+    name: Callable[[int], Any],
+    failed: set[int],
+    image_shape: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The images of ``rows`` that decode, and a mask of which rows did.
+
+    ``decode(i)`` and ``name(i)`` decode and name the ``i``-th of ``rows``; a row
+    that raises one of ``DECODE_ERRORS`` is left out, added to ``failed`` and
+    warned about the first time.
+    """
+    images, ok = [], np.zeros(len(rows), bool)
+    for i, row in enumerate(rows):
+        try:
+            images.append(decode(i))
+            ok[i] = True
+        except DECODE_ERRORS as err:
+            if int(row) not in failed:
+                failed.add(int(row))
+                warn_unreadable(name(i), err)
+    if not images:
+        return np.zeros((0, *image_shape), np.uint8), ok
+    return np.stack(images), ok
+
+
 class FileSource:
     """Image files with their global labels, decoded a batch of rows at a time.
 
@@ -96,18 +123,13 @@ class FileSource:
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decode the files of ``rows``; an unreadable one is skipped with one warning."""
-        images, ok = [], np.zeros(len(rows), bool)
-        for i, row in enumerate(rows):
-            try:
-                images.append(read_image(self.paths[row], self.size, self.channels))
-                ok[i] = True
-            except DECODE_ERRORS as err:
-                if int(row) not in self.failed:
-                    self.failed.add(int(row))
-                    warn_unreadable(self.paths[row], err)
-        if not images:
-            return np.zeros((0, *self.image_shape), np.uint8), ok
-        return np.stack(images), ok
+        return read_rows(
+            rows,
+            lambda i: read_image(self.paths[rows[i]], self.size, self.channels),
+            lambda i: self.paths[rows[i]],
+            self.failed,
+            self.image_shape,
+        )
 
     def digest(self, rows: np.ndarray) -> str:
         """A digest of each file's path, size and modification time, and the decode size."""
