@@ -43,7 +43,9 @@ DATASET_ALLOWED = (
 # `test-data` values besides a dataset: the dataset's own test split, or none.
 OWN_TEST_SPLIT, NO_TEST_DATA = "", "none"
 CLASSES_FILE_SUFFIX = ".txt"
-# What a run folder holds after every round, and what `resume` continues from.
+# What a run folder holds after every round: the records (the ServerApp's, read by the
+# launcher and sweeps), and the checkpoint `resume` continues from.
+METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.json"
 # The HDF5 signature, at the start of every file Keras and h5py write (a user
 # block would move it to offset 512, 1024, ...; neither writes one).

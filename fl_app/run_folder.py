@@ -20,11 +20,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.common import log
 
-from fl_app.config import CHECKPOINT_FILE
+from fl_app.config import CHECKPOINT_FILE, METRICS_FILE
 
 SaveModel = Callable[[ArrayRecord, Path], None]
 CHECKPOINT = CHECKPOINT_FILE
-METRICS = "metrics.json"
+METRICS = METRICS_FILE
 
 
 class Checkpoint(NamedTuple):

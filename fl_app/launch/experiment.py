@@ -29,7 +29,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fl_app.config import DATASETS, NO_TEST_DATA, RunConfig, flower_key, hydra_path
+from fl_app.config import DATASETS, METRICS_FILE, NO_TEST_DATA, RunConfig, flower_key, hydra_path
 from fl_app.config import fields as config_fields
 from fl_app.launch.flower_cli import FlowerCLI, FlowerCLIError, RunStatus, write_connection
 from fl_app.launch.local_superlink import LocalSuperLink
@@ -282,7 +282,7 @@ def mark_metrics(run_dir: Path, status: str, failure: str) -> None:
     ValueError
         If ``metrics.json`` is there but not a JSON object (then it is left as it is).
     """
-    path = run_dir / "metrics.json"
+    path = run_dir / METRICS_FILE
     written = _read_metrics(path)
     content = {"status": status, "failure": failure}
     if written is None:
@@ -296,7 +296,7 @@ def mark_metrics(run_dir: Path, status: str, failure: str) -> None:
 
 def _settle_metrics(run_dir: Path, outcome: str, failure: str) -> None:
     """Make ``metrics.json`` agree with Flower's final status of the run."""
-    path = run_dir / "metrics.json"
+    path = run_dir / METRICS_FILE
     try:
         content = _read_metrics(path)
     except (OSError, ValueError) as err:  # not what the ServerApp writes: leave it be

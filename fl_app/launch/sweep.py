@@ -23,6 +23,8 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fl_app.config import METRICS_FILE
+
 COLUMNS = (
     "job",
     "overrides",
@@ -203,7 +205,7 @@ def _fixed(text: str, digits: int) -> str:
 def _read_job(job_dir: Path) -> JobSummary:
     overrides = _load(job_dir / ".hydra" / "overrides.yaml", yaml.safe_load)
     status = _load(job_dir / "status.json", json.loads)
-    metrics = _load(job_dir / "metrics.json", json.loads)
+    metrics = _load(job_dir / METRICS_FILE, json.loads)
     if not isinstance(status, dict):
         status = {}
     if not isinstance(metrics, dict):
