@@ -222,16 +222,22 @@ def split_node_data(
         raise ValueError(f"val-fraction={val_fraction} must be in [0, 1)")
     positions = np.random.default_rng([seed, stream]).permutation(len(data))
     if 0 < max_examples < len(positions):
-        log(
-            INFO,
-            "max-examples-per-node=%d: using %d of %d examples",
-            max_examples,
-            max_examples,
-            len(positions),
-        )
+        _say_capped(max_examples, len(positions))
         positions = positions[:max_examples]
     n_val = round(len(positions) * val_fraction)
     return NodeData(data.take(positions[n_val:]), data.take(positions[:n_val]))
+
+
+@functools.cache
+def _say_capped(max_examples: int, available: int) -> None:
+    # Once per process: a simulation's actor serves every round of several nodes.
+    log(
+        INFO,
+        "max-examples-per-node=%d: using %d of %d examples",
+        max_examples,
+        max_examples,
+        available,
+    )
 
 
 def load_node_data(
