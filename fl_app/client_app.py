@@ -39,6 +39,7 @@ from fl_app.model.classifier import (
     with_augmentation,
 )
 from fl_app.model.features import FeatureCache, feature_key, frozen_digest
+from fl_app.privacy import dp_clip_mod
 from fl_app.schedule import HEAD
 from fl_app.wire.compression import compression_mod
 from fl_app.wire.exchange import (
@@ -51,7 +52,7 @@ from fl_app.wire.exchange import (
     base_hash,
 )
 
-app = ClientApp(mods=[compression_mod])
+app = ClientApp(mods=[compression_mod, dp_clip_mod])
 # Where the frozen part of the model ends in the head phase; in the fine-tune phase
 # it may end at a backbone's cut (`fl_app.model.backbones.Cut`), named by its layer.
 POOLED = "pooled"

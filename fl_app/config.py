@@ -33,6 +33,10 @@ COMPRESSIONS = ("none", "float16", "int8")
 # Random changes that keep the label: a shift by up to 10% of the side, and for
 # datasets whose mirror images are the same class, a left-right flip.
 AUGMENTATIONS = ("none", "shift", "flip-shift")
+# How the validated updates of a round are combined (coordinate-wise but for `mean`).
+AGGREGATIONS = ("mean", "trimmed-mean", "median")
+# Client-level differential privacy: off, clipped on the server, or on the node.
+DP_MODES = ("none", "server", "client")
 WEIGHT_FILE_SUFFIXES = (".keras", ".weights.h5", ".h5")
 # A Hugging Face hub dataset id: owner/name.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -215,6 +219,68 @@ class RunConfig:
         "`none`, `float16` or `int8` for the arrays of every round, both directions.",
         one_of(COMPRESSIONS),
         "strategy",
+    )
+    # Robust aggregation.
+    aggregation: str = key(
+        "mean",
+        "How a round's validated updates combine: `mean` (weighted by `num-examples`), or "
+        "coordinate-wise `trimmed-mean` or `median` (unweighted; robust to a few bad nodes).",
+        one_of(AGGREGATIONS),
+        "strategy",
+    )
+    trim_fraction: float = key(
+        0.2,
+        "`trimmed-mean`: share of the updates cut from each end, per coordinate.",
+        Rule(lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+        "strategy",
+    )
+    max_update_norm_ratio: float = key(
+        0.0,
+        "Reject an update whose L2 norm exceeds this multiple of the round's median update norm "
+        "(0 = off; e.g. 5).",
+        Rule(lambda v: v == 0 or v > 1, "0 (off) or a number > 1"),
+        "strategy",
+    )
+    max_examples_ratio: float = key(
+        10.0,
+        "`mean`: a reply's weight (`num-examples`) is capped at this multiple of the round's "
+        "median claim, so one node cannot outweigh the rest by claiming more (0 = no cap).",
+        Rule(lambda v: v == 0 or v >= 1, "0 (no cap) or a number >= 1"),
+        "strategy",
+    )
+    # Client-level differential privacy.
+    dp: str = key(
+        "none",
+        "Client-level DP-FedAvg: `server` clips each update on the server, `client` on the node "
+        "before it leaves; both add Gaussian noise to the average on the server "
+        "([privacy](docs/privacy.md)).",
+        one_of(DP_MODES),
+        "dp",
+        "mode",
+    )
+    dp_clip: float = key(
+        1.0, "L2 norm each node's update is clipped to (the sensitivity).", above(0), "dp", "clip"
+    )
+    dp_noise_multiplier: float = key(
+        1.0,
+        "Noise standard deviation over `dp-clip`, on the sum of the clipped updates.",
+        above(0),
+        "dp",
+        "noise_multiplier",
+    )
+    dp_delta: float = key(
+        1e-5,
+        "δ of the (ε, δ) reported each round; keep it well below 1 / number of nodes.",
+        Rule(lambda v: 0 < v < 1, "a number in (0, 1)"),
+        "dp",
+        "delta",
+    )
+    dp_target_epsilon: float = key(
+        0.0,
+        "Privacy budget: the run stops before a round that would take ε past it (0 = no limit).",
+        at_least(0, "a number"),
+        "dp",
+        "target_epsilon",
     )
     # Local training.
     local_epochs: int = key(1, "Epochs each node trains per round.", at_least(1))
@@ -405,6 +471,17 @@ class RunConfig:
                 f"{name('val-fraction')}=0 leaves nodes nothing to evaluate on: "
                 f"expected {name('val-fraction')} > 0 or {name('fraction-evaluate')}=0"
             )
+        if self.dp != "none":
+            for key_name, value, plain in (
+                ("aggregation", self.aggregation, "mean"),
+                ("max-update-norm-ratio", self.max_update_norm_ratio, 0.0),
+            ):
+                if value != plain:
+                    raise ValueError(
+                        f"{name(key_name)}={value!r} is not allowed with {name('dp')}="
+                        f"{self.dp!r}: expected {plain!r} (clipping already bounds every "
+                        "update, and the privacy analysis holds for the plain average)"
+                    )
         if not check_files:
             return
         for spec_name, value in (("dataset", self.dataset), ("test-data", self.test_data)):

@@ -42,6 +42,7 @@ def test_groups_are_the_documented_ones():
         "dataset": ["cifar10", "fashion_mnist", "images", "mnist"],
         "partitioner": ["dirichlet", "iid"],
         "strategy": ["fedavg"],
+        "dp": ["client", "none", "server"],
     }
 
 
