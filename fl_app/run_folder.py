@@ -36,6 +36,8 @@ class Checkpoint(NamedTuple):
     rounds: list[dict[str, Any]]
     holders: dict[int, str]
     bases: dict[str, ArrayRecord]
+    # The strategy's own state across rounds (e.g. the privacy budget spent).
+    state: dict[str, Any]
 
 
 class RunFolder:
@@ -85,11 +87,13 @@ class RunFolder:
         record: dict[str, Any],
         arrays: ArrayRecord,
         wire_state: tuple[Mapping[int, str], Mapping[str, ArrayRecord]] | None = None,
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         """Add a finished round (``record["round"]``; 0 is the start) and log its summary.
 
         With ``wire_state`` (which base each node holds, and the bases), the
-        round's checkpoint is written before ``metrics.json`` shows the round.
+        round's checkpoint, with the strategy's ``state``, is written before
+        ``metrics.json`` shows the round.
         """
         self.rounds.append(record)
         accuracy = record.get(self.best_by)
@@ -99,7 +103,7 @@ class RunFolder:
             self.run_info["best"] = {"round": record["round"], self.best_by: accuracy}
             self.save(arrays, "best.keras")
         if wire_state is not None:
-            self.checkpoint(record["round"], arrays, *wire_state)
+            self.checkpoint(record["round"], arrays, *wire_state, state=state)
         self.write_metrics("running")
         if self._tensorboard is not None:
             self._tensorboard(record)
@@ -123,6 +127,7 @@ class RunFolder:
         arrays: ArrayRecord,
         holders: Mapping[int, str],
         bases: Mapping[str, ArrayRecord],
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         """Write the checkpoint of a completed round: the global arrays and the wire's state.
 
@@ -131,6 +136,7 @@ class RunFolder:
         renamed into place: a crash in between leaves the previous checkpoint
         whole. ``holders`` says which base each node holds; each base is written
         once (``base-<hash>.npz``), so that nodes keep theirs across a resume.
+        ``state`` is the strategy's own (JSON), given back by `load_checkpoint`.
         """
         name = f"checkpoint-r{server_round:04d}.npz"
         _write_arrays(self.path / name, arrays)
@@ -147,6 +153,7 @@ class RunFolder:
             "bases": base_files,
             "run_info": self.run_info,
             "rounds": self.rounds,
+            "state": dict(state or {}),
         }
         _write_text(self.path / CHECKPOINT, json.dumps(content, indent=2))
         for old in self.path.glob("checkpoint-r*.npz"):
@@ -171,7 +178,13 @@ def load_checkpoint(folder: str | os.PathLike, key: str = "resume") -> Checkpoin
         ) from err
     holders = {int(node): base for node, base in content["holders"].items()}
     return Checkpoint(
-        int(content["round"]), arrays, content["run_info"], content["rounds"], holders, bases
+        int(content["round"]),
+        arrays,
+        content["run_info"],
+        content["rounds"],
+        holders,
+        bases,
+        content.get("state", {}),
     )
 
 
@@ -214,6 +227,8 @@ def summary(record: Mapping[str, Any], is_best: bool) -> str:
     if "bytes_sent" in record:
         sent, received = record["bytes_sent"] / 1e6, record["bytes_received"] / 1e6
         parts.append(f"sent {sent:.1f} MB, received {received:.1f} MB")
+    if "dp_epsilon" in record:
+        parts.append(f"ε {record['dp_epsilon']:.3g} (δ {record['dp_delta']:g})")
     if record.get("rejected_replies"):
         parts.append(f"{record['rejected_replies']} replies rejected")
     if record.get("skipped_images"):

@@ -31,6 +31,7 @@ from fl_app.model.classifier import (
     to_arrayrecord,
     trainable_keys,
 )
+from fl_app.privacy import PrivacyBudget
 from fl_app.run_folder import RunFolder, load_checkpoint
 from fl_app.schedule import TransferSchedule
 from fl_app.strategy import TransferFedAvg
@@ -47,6 +48,11 @@ RESUME_KEYS = (
     "partitioner",
     "dirichlet-alpha",
     "seed",
+    # The privacy budget spent so far was counted with these.
+    "dp",
+    "dp-clip",
+    "dp-noise-multiplier",
+    "dp-delta",
 )
 # The input size ImageNet backbones were trained at: what photos want.
 PHOTO_INPUT_SIZE = 224
@@ -224,6 +230,22 @@ def main(grid: Grid, context: Context) -> None:
             {"after_round": done, "run_id": context.run_id}
         )
         wire.restore(checkpoint.holders, checkpoint.bases)
+    privacy = None
+    if config.dp != "none":
+        privacy = PrivacyBudget(
+            config.dp_noise_multiplier, config.dp_delta, config.dp_target_epsilon
+        )
+        if checkpoint is not None:
+            privacy.rounds = int(checkpoint.state.get("privacy", {}).get("rounds", 0))
+        log(
+            INFO,
+            "Client-level DP (dp=%s): clip %g, noise multiplier %g, δ %g, ε target %s",
+            config.dp,
+            config.dp_clip,
+            config.dp_noise_multiplier,
+            config.dp_delta,
+            f"{config.dp_target_epsilon:g}" if config.dp_target_epsilon else "none",
+        )
     strategy = TransferFedAvg(
         schedule=TransferSchedule.from_config(config),
         folder=folder,
@@ -232,6 +254,13 @@ def main(grid: Grid, context: Context) -> None:
         rounds_done=done,
         resumed=checkpoint is not None,
         seed=config.seed,
+        aggregation=config.aggregation,
+        trim_fraction=config.trim_fraction,
+        max_update_norm_ratio=config.max_update_norm_ratio,
+        max_examples_ratio=config.max_examples_ratio,
+        dp=config.dp,
+        dp_clip=config.dp_clip,
+        privacy=privacy,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_train_nodes,

@@ -3,9 +3,10 @@
 ``TransferFedAvg`` averages client models weighted by ``num-examples`` like
 stock FedAvg, but first rejects malformed replies (one log line each, naming
 the node) and keeps the previous global model when too few valid replies are
-left. What each node is sent and how replies decode is the wire's
-(`fl_app.wire.exchange.ServerExchange`); what a run leaves behind is the run
-folder's (`fl_app.run_folder.RunFolder`).
+left. It combines updates robustly on request (`fl_app.aggregation`) or with
+client-level differential privacy (`fl_app.privacy`). What each node is sent
+and how replies decode is the wire's (`fl_app.wire.exchange.ServerExchange`);
+what a run leaves behind is the run folder's (`fl_app.run_folder.RunFolder`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,19 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
+from fl_app import aggregation
+from fl_app.privacy import PrivacyBudget, clip, noise_std, noised_mean
 from fl_app.run_folder import RunFolder
 from fl_app.schedule import TransferSchedule
 from fl_app.wire.exchange import ServerExchange
 
 TRAIN_METRICS = ("train_loss", "train_accuracy", "train_time", "client_time")
+
+
+class BudgetSpentError(Exception):
+    """The next round would take ε past ``dp-target-epsilon``: the run ends here."""
+
+
 EVAL_METRICS = ("eval_loss", "eval_accuracy")
 
 
@@ -78,6 +87,21 @@ class TransferFedAvg(FedAvg):
     seed : int
         Seeds each round's node sampling, so that a resumed run samples as the
         uninterrupted one would (given the same node ids).
+    aggregation : str
+        ``mean``, ``trimmed-mean`` or ``median`` (`fl_app.aggregation.combine`).
+    trim_fraction : float
+        Share cut from each end by ``trimmed-mean``.
+    max_update_norm_ratio : float
+        Reject updates whose norm exceeds this multiple of the round's median (0: off).
+    max_examples_ratio : float
+        Cap on a reply's weight, as a multiple of the round's median claim (0: none).
+    dp : str
+        ``none``, or where updates are clipped for client-level DP: ``server`` or
+        ``client`` (the server clips again, so the bound holds whatever a node sends).
+    dp_clip : float
+        The L2 bound of each update.
+    privacy : PrivacyBudget, optional
+        The noise multiplier, δ, ε target and rounds released (with ``dp``).
     **kwargs
         Passed to ``FedAvg`` (fractions, minimum nodes).
 
@@ -92,6 +116,13 @@ class TransferFedAvg(FedAvg):
         rounds_done: int = 0,
         resumed: bool = False,
         seed: int = 0,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.2,
+        max_update_norm_ratio: float = 0.0,
+        max_examples_ratio: float = 0.0,
+        dp: str = "none",
+        dp_clip: float = 1.0,
+        privacy: PrivacyBudget | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -102,6 +133,17 @@ class TransferFedAvg(FedAvg):
         self.rounds_done = rounds_done
         self.resumed = resumed
         self.seed = seed
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
+        self.max_update_norm_ratio = max_update_norm_ratio
+        self.max_examples_ratio = max_examples_ratio
+        self.dp = dp
+        self.dp_clip = dp_clip
+        if dp != "none" and privacy is None:
+            raise ValueError(f"dp={dp!r} needs a PrivacyBudget")
+        self.privacy = privacy if dp != "none" else None
+        # Noise must be unpredictable: from the OS, never from the run's seed.
+        self._noise_rng = np.random.default_rng()
         self.global_arrays = ArrayRecord()
         self._round: dict[str, Any] = {}
         self._round_start = 0.0
@@ -164,6 +206,13 @@ class TransferFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Sample nodes and send them the global model and this round's schedule."""
         server_round += self.rounds_done
+        if self.privacy is not None and not self.privacy.allows_another_round():
+            raise BudgetSpentError(
+                f"round {server_round} would take epsilon from {self.privacy.epsilon:.3g} to "
+                f"{self.privacy.next_epsilon():.3g} > dp-target-epsilon="
+                f"{self.privacy.target_epsilon:g} (delta {self.privacy.delta:g}): the run stops "
+                f"after round {server_round - 1}"
+            )
         self._wait_for_nodes(grid)
         self._round_start = time.perf_counter()
         # Flower samples with Python's global random: seed it per round.
@@ -239,45 +288,59 @@ class TransferFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the valid replies' arrays by ``num-examples``; reject the rest."""
+        """Combine the valid replies' updates; reject the rest, one line per node."""
         server_round += self.rounds_done
-        total = 0.0
-        summed: list[np.ndarray] | None = None
+        sampled = len(self._sent)
+        reference = [array.numpy().astype(np.float64) for array in self.wire.sent.values()]
+        nodes: list[int] = []
+        updates: list[aggregation.Update] = []
         metric_records: list[RecordDict] = []
         rejected = skipped = 0
+
+        def reject(node: int, why: str) -> None:
+            nonlocal rejected
+            rejected += 1
+            log(WARNING, "Round %d: rejected reply from node %d: %s", server_round, node, why)
+
         for node, msg in self._replies_by_node(server_round, replies, "missing_replies"):
             self.wire.confirm(msg, node)
             checked = self._check_train_reply(msg)
             if isinstance(checked, str):
-                rejected += 1
-                log(
-                    WARNING,
-                    "Round %d: rejected reply from node %d: %s",
-                    server_round,
-                    node,
-                    checked,
-                )
+                reject(node, checked)
                 continue
-            metrics, update = checked
+            metrics, arrays = checked
             # Unreadable images a node left out: reported, not averaged.
             skipped += int(metrics.get("skipped_images", 0))
-            weight = float(metrics[self.weighted_by_key])
-            # Sum in float64: float32 products would lose digits to cancellation.
-            if summed is None:
-                summed = [weight * u.astype(np.float64) for u in update]
-            else:
-                for acc, u in zip(summed, update, strict=True):
-                    acc += weight * u.astype(np.float64)
-            total += weight
+            # In float64: float32 differences and sums would lose digits to cancellation.
+            updates.append(
+                [a.astype(np.float64) - r for a, r in zip(arrays, reference, strict=True)]
+            )
+            nodes.append(node)
             metric_records.append(
                 RecordDict({"metrics": _trimmed(metrics, TRAIN_METRICS, self.weighted_by_key)})
             )
 
-        accepted = len(metric_records)
+        norms = [aggregation.update_norm(update) for update in updates]
+        if norms:
+            self._round["update_norm_median"] = float(np.median(norms))
+        if self.dp == "none":
+            outliers = aggregation.norm_outliers(norms, self.max_update_norm_ratio)
+            limit = self.max_update_norm_ratio * self._round.get("update_norm_median", 0.0)
+            for node, norm, outlier in zip(nodes, norms, outliers, strict=True):
+                if outlier:
+                    reject(
+                        node,
+                        f"update norm {norm:.4g} > max-update-norm-ratio x median = {limit:.4g}",
+                    )
+            kept = [i for i, outlier in enumerate(outliers) if not outlier]
+            nodes, updates = [nodes[i] for i in kept], [updates[i] for i in kept]
+            metric_records = [metric_records[i] for i in kept]
+
+        accepted = len(updates)
         self._round.update(
             train_replies=accepted, rejected_replies=rejected, skipped_images=skipped
         )
-        if summed is None or accepted < self.min_train_nodes:
+        if accepted == 0 or accepted < self.min_train_nodes:
             log(
                 WARNING,
                 "Round %d: %d valid replies (minimum %d); keeping the previous global model",
@@ -287,9 +350,20 @@ class TransferFedAvg(FedAvg):
             )
             self._round["model_updated"] = False
             return None, None
+        if self.privacy is not None:
+            combined = self._private_mean(updates, sampled)
+        else:
+            claims = [float(r["metrics"][self.weighted_by_key]) for r in metric_records]
+            weights = aggregation.capped_weights(claims, self.max_examples_ratio)
+            capped = sum(w < c for w, c in zip(weights, claims, strict=True))
+            if capped:
+                self._round["capped_claims"] = capped
+            combined = aggregation.combine(updates, weights, self.aggregation, self.trim_fraction)
         averaged = {
-            key: Array((acc / total).astype(expected.dtype))
-            for (key, expected), acc in zip(self.wire.sent.items(), summed, strict=True)
+            key: Array((ref + delta).astype(expected.dtype))
+            for (key, expected), ref, delta in zip(
+                self.wire.sent.items(), reference, combined, strict=True
+            )
         }
         # Arrays that did not travel stay the very same objects (bases share them).
         new_global = ArrayRecord(
@@ -299,6 +373,23 @@ class TransferFedAvg(FedAvg):
         self._round["model_updated"] = True
         self._round.update({k: float(v) for k, v in train_metrics.items()})
         return new_global, train_metrics
+
+    def _private_mean(self, updates: list[aggregation.Update], sampled: int) -> aggregation.Update:
+        """Clip every update, sum them, add the noise, divide by the nodes sampled; count ε."""
+        assert self.privacy is not None
+        clipped = sum(clip(update, self.dp_clip) > self.dp_clip for update in updates)
+        total = [sum(arrays) for arrays in zip(*updates, strict=True)]
+        noised = noised_mean(
+            total, sampled, self.privacy.noise_multiplier, self.dp_clip, self._noise_rng
+        )
+        self.privacy.rounds += 1
+        self._round.update(
+            dp_clipped=int(clipped),
+            dp_noise_std=noise_std(self.privacy.noise_multiplier, self.dp_clip, sampled),
+            dp_epsilon=self.privacy.epsilon,
+            dp_delta=self.privacy.delta,
+        )
+        return noised
 
     # ---- evaluate ------------------------------------------------------------
 
@@ -375,16 +466,22 @@ class TransferFedAvg(FedAvg):
             return server_metrics
 
         status = "failed"
+        result = Result()
         try:
-            result = super().start(
-                grid,
-                initial_arrays,
-                num_rounds=num_rounds - self.rounds_done,
-                timeout=timeout,
-                train_config=train_config,
-                evaluate_config=evaluate_config,
-                evaluate_fn=evaluate_and_record,
-            )
+            try:
+                result = super().start(
+                    grid,
+                    initial_arrays,
+                    num_rounds=num_rounds - self.rounds_done,
+                    timeout=timeout,
+                    train_config=train_config,
+                    evaluate_config=evaluate_config,
+                    evaluate_fn=evaluate_and_record,
+                )
+            except BudgetSpentError as spent:
+                # A planned end: the models so far are kept, and the run counts as completed.
+                log(WARNING, "Privacy budget: %s", spent)
+                self.folder.run_info["stopped"] = f"privacy budget: {spent}"
             self.folder.save(latest["arrays"], "final.keras")
             status = "completed"
         finally:
@@ -401,7 +498,8 @@ class TransferFedAvg(FedAvg):
         if server_metrics is not None:
             record.update({f"server_{k}": float(v) for k, v in server_metrics.items()})
         self._round = {}
-        self.folder.record(record, arrays, (self.wire.held(), self.wire.bases))
+        state = {"privacy": self.privacy.state()} if self.privacy is not None else {}
+        self.folder.record(record, arrays, (self.wire.held(), self.wire.bases), state)
 
 
 def _trimmed(metrics: MetricRecord, keys: Iterable[str], weight_key: str) -> MetricRecord:
