@@ -322,7 +322,7 @@ def test_two_killed_supernodes_keep_the_model_and_the_run_fails_clearly(federati
 
 @dataclass
 class SuperLinkCrash:
-    """A run whose SuperLink was killed in round 1, the restart, and the resumed run."""
+    """A run whose SuperLink was killed in round 2, the restart, and the resumed run."""
 
     ids: dict[str, int | None]
     records: dict[str, ProcessRecord | None]
@@ -333,6 +333,8 @@ class SuperLinkCrash:
     run_dir: Path
     resumed: FinishedRun
     interrupted: RunStatus
+    # Each node's cached activations (path -> inode) before and after the resumed run.
+    features: tuple[dict[str, int], dict[str, int]]
 
 
 @pytest.fixture(scope="module")
@@ -340,10 +342,11 @@ def superlink_crash(federation, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("superlink-crash")
     ids = {n.name: n.node_id for n in federation.nodes}
     records = {n.name: n.record for n in federation.nodes}
-    config = {"num-server-rounds": 1, "head-rounds": 1, "min-available-nodes": 3}
+    config = {"num-server-rounds": 2, "head-rounds": 2, "min-available-nodes": 3}
     run = LiveRun(federation, tmp / "first", config)
     try:
-        run.wait_for(r"Round 1: phase")
+        # Round 1 is checkpointed: every node holds its base and has cached activations.
+        run.wait_for(r"Round 2: phase")
         superlink = federation.superlink
         below = processes.descendants(superlink)  # its SuperExec and the ServerApp
         superlink.send_signal(signal.SIGKILL)
@@ -360,11 +363,23 @@ def superlink_crash(federation, tmp_path_factory):
         run.stop_following()  # `flwr log` ended with the SuperLink
     # The interrupted run cannot go on; its run folder can.
     (tmp / "resume").mkdir()
+    before = cached_features(federation)
     resumed = run_app(federation, tmp / "resume", {**config, "resume": str(run.run_dir)})
     interrupted = federation.cli.wait(run.run_id, timeout=120)
+    features = (before, cached_features(federation))
     return SuperLinkCrash(
-        ids, records, below, orphans, outcome, back, run.run_dir, resumed, interrupted
+        ids, records, below, orphans, outcome, back, run.run_dir, resumed, interrupted, features
     )
+
+
+def cached_features(federation: LocalFederation) -> dict[str, int]:
+    """Every node's cached activation files, by path, with their inodes.
+
+    A hit only touches a file (its mtime orders eviction); a recomputed entry is
+    written anew and renamed into place, with a new inode.
+    """
+    files = (federation.directory / "cache").glob("*/features/*")
+    return {str(path): path.stat().st_ino for path in files}
 
 
 @pytest.mark.e2e
@@ -389,12 +404,18 @@ def test_a_killed_superlink_restarts_on_its_database_and_the_run_resumes(
     assert "heartbeat" in crash.interrupted.details.lower()
     resumed = crash.resumed
     assert resumed.status == "finished:completed", resumed.details + resumed.log[-3000:]
-    assert log_lines(resumed.log, r"Resuming .* after round 0 of 1")
+    assert log_lines(resumed.log, r"Resuming .* after round 1 of 2")
     metrics = json.loads((crash.run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["rounds"][-1]["round"] == 1
+    assert metrics["status"] == "completed" and metrics["rounds"][-1]["round"] == 2
+    # The same nodes under the same ids: they kept their bases and cached activations
+    # across the crash, so the resumed round sent no base and computed nothing again.
+    assert metrics["rounds"][1]["bases_sent"] == 3
     assert metrics["rounds"][-1]["train_replies"] == 3
+    assert metrics["rounds"][-1]["bases_sent"] == 0, metrics["rounds"][-1]
+    before, after = crash.features
+    assert before and after == before
     print(
-        f"\n[fault c] SuperLink killed in round 1: still running 5 s later: {crash.orphans};"
+        f"\n[fault c] SuperLink killed in round 2: still running 5 s later: {crash.orphans};"
         f" SuperLink back and nodes online {crash.back:.1f} s after the kill; nodes"
         f" reconnected by themselves after {reconnected} s; the interrupted run:"
         f" {crash.interrupted.status} ({crash.interrupted.details}); resume completed"
@@ -403,9 +424,9 @@ def test_a_killed_superlink_restarts_on_its_database_and_the_run_resumes(
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_a_run_resumed_after_round_0_records_each_round_once(superlink_crash):
+def test_a_resumed_run_records_each_round_once(superlink_crash):
     metrics = json.loads((superlink_crash.run_dir / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == [0, 1]
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
 
 
 @pytest.mark.e2e
