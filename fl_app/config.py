@@ -482,6 +482,12 @@ class RunConfig:
                         f"{self.dp!r}: expected {plain!r} (clipping already bounds every "
                         "update, and the privacy analysis holds for the plain average)"
                     )
+            if self.exchange != "trainable":
+                raise ValueError(
+                    f"{name('exchange')}={self.exchange!r} is not allowed with {name('dp')}="
+                    f"{self.dp!r}: expected 'trainable' (noise is added to what travels, and "
+                    "the frozen backbone must not get any)"
+                )
         if not check_files:
             return
         for spec_name, value in (("dataset", self.dataset), ("test-data", self.test_data)):

@@ -173,14 +173,19 @@ def test_the_budget_spent_survives_a_checkpoint(tmp_path):
     assert metrics["rounds"][-1]["dp_epsilon"] == pytest.approx(privacy.epsilon(2.0, 1, 1e-5))
 
 
-def test_dp_refuses_rules_its_analysis_does_not_cover():
-    values = {**defaults(), "dp": "server", "aggregation": "median"}
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("aggregation", "median", "expected 'mean' (clipping already bounds every update"),
+        ("max-update-norm-ratio", 5.0, "expected 0.0 (clipping already bounds every update"),
+        ("exchange", "full", "expected 'trainable' (noise is added to what travels"),
+    ],
+)
+def test_dp_refuses_what_its_analysis_does_not_cover(key, value, expected):
+    values = {**defaults(), "dp": "server", key: value}
     with pytest.raises(ValueError) as err:
         RunConfig.parse(values, check_files=False)
-    assert str(err.value) == (
-        "aggregation='median' is not allowed with dp='server': expected 'mean' (clipping "
-        "already bounds every update, and the privacy analysis holds for the plain average)"
-    )
+    assert str(err.value).startswith(f"{key}={value!r} is not allowed with dp='server': {expected}")
 
 
 def _train_message(received: dict[str, np.ndarray]) -> Message:
