@@ -17,13 +17,17 @@ import typer
 
 from fl_app.deploy import DeploymentError
 from fl_app.deploy.commands import (
+    DEFAULT_FLEET_PORT,
     DEFAULT_SUPERLINK_PORT,
     DEFAULT_SUPERNODE_PORT,
+    LOOPBACK,
     advertised_host,
     check_address,
+    check_control_host,
     check_superlink_host,
     check_superlink_inputs,
     check_supernode_inputs,
+    fleet_gateway_command,
     register_keys,
     superlink_command,
     supernode_command,
@@ -121,51 +125,104 @@ def superlink(
     certs: Annotated[Path, typer.Option(help="folder with ca.crt, server.pem, server.key")],
     port: Annotated[
         int,
-        typer.Option(min=1, max=65535, help="the one port of the Fleet, Control and Runtime APIs"),
+        typer.Option(
+            min=1, max=65535, help="the SuperLink's port: Fleet, Control and Runtime APIs"
+        ),
     ] = DEFAULT_SUPERLINK_PORT,
     host: Annotated[
-        str, typer.Option(help="address to listen on (0.0.0.0 for every interface)")
+        str, typer.Option(help="the SuperLink's address: loopback unless --expose-control-api")
     ] = "127.0.0.1",
+    fleet_host: Annotated[
+        str,
+        typer.Option(help="where devices reach the Fleet gateway (0.0.0.0 for every interface)"),
+    ] = "127.0.0.1",
+    fleet_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="the Fleet gateway's port")
+    ] = DEFAULT_FLEET_PORT,
+    expose_control_api: Annotated[
+        bool,
+        typer.Option(
+            help="allow a non-loopback --host: anyone reaching it with ca.crt can then"
+            " register node keys and submit runs"
+        ),
+    ] = False,
+    gateway_log: Annotated[Path, typer.Option(help="the Fleet gateway's log")] = Path(
+        "fleet-gateway.log"
+    ),
     database: Annotated[
         Path | None,
         typer.Option(help="SQLite file keeping registered nodes and runs (default: memory)"),
     ] = None,
 ) -> int:
-    """Run a SuperLink with TLS and SuperNode authentication, in the foreground.
+    """Run a SuperLink with TLS and SuperNode authentication, and its Fleet gateway.
 
-    Runs `flower-superlink` with CERTS/ca.crt, server.pem and server.key,
-    --enable-supernode-auth and --disable-runtime-dependency-installation
-    (ServerApps run in this Python). ONE port serves the Fleet, Control and
-    Runtime APIs. Relative `results-dir` values of runs start from the directory
-    you start it in. Stop it with Ctrl-C.
+    Runs `flower-superlink` in the foreground with CERTS/ca.crt, server.pem and
+    server.key, --enable-supernode-auth and --disable-runtime-dependency-installation
+    (ServerApps run in this Python). Its ONE port serves the Fleet, Control and
+    Runtime APIs, and Flower 1.42's open-source Control API authenticates nobody:
+    so it listens on loopback (--host), and devices reach only the Fleet API,
+    through the Fleet gateway on --fleet-host:--fleet-port (which refuses every
+    other request). Register keys and submit runs on this machine, or through an
+    SSH tunnel to it. Relative `results-dir` values of runs start from the
+    directory you start it in. Ctrl-C stops both.
     """
     found = check_superlink_inputs(Certificates.in_dir(certs))
+    check_control_host(host, expose_control_api)
     check_superlink_host(found, host)
+    if fleet_port == port and fleet_host in (host, "0.0.0.0", "::"):
+        raise DeploymentError(
+            f"--fleet-port {fleet_port} is not allowed: expected another port than --port {port}"
+        )
     cmd = superlink_command(found, port, host, database)
-    address = f"{advertised_host(found, host)}:{port}"
+    control = f"{advertised_host(found, host)}:{port}"
+    # The gateway reaches the SuperLink where its own SuperExec does (in its certificate).
+    upstream = control if host not in ("0.0.0.0", "::", "[::]") else f"127.0.0.1:{port}"
+    upstream = f"[::1]:{port}" if host in ("::", "[::]") else upstream
+    address = f"{advertised_host(found, fleet_host)}:{fleet_port}"
     names = ", ".join(certificate_hosts(found.server_cert))
+    # Our child, in our process group: Ctrl-C reaches it too, and it exits once the
+    # SuperLink that replaces this process (same PID) has ended.
+    gateway_cmd = fleet_gateway_command(found, upstream, fleet_port, fleet_host, os.getpid())
+    gateway = processes.start(gateway_cmd, log=gateway_log, own_session=False)
+    try:
+        processes.wait_until(
+            lambda: processes.listening_on(fleet_port) is not None,
+            30,
+            [gateway],
+            f"the Fleet gateway to listen on {fleet_host}:{fleet_port}",
+        )
+    except (processes.ProcessExitedError, processes.WaitTimeoutError) as err:
+        processes.stop([gateway])
+        raise DeploymentError(f"{err} (see {gateway_log.resolve()})") from None
+    exposed = (
+        f"ALSO on {host}: --expose-control-api"
+        if expose_control_api and host.strip("[]") not in LOOPBACK
+        else "this machine only"
+    )
     print(
-        f"""SuperLink (TLS + SuperNode authentication) listening on {host}:{port}:
-Fleet, Control and Runtime APIs all on port {port}. Clients must use a name in its
-certificate: {names}.
+        f"""SuperLink (TLS + SuperNode authentication) on {host}:{port} ({exposed}):
+Fleet, Control and Runtime APIs. Devices reach the Fleet API alone through the
+Fleet gateway on {fleet_host}:{fleet_port} (log {gateway_log.resolve()}).
+Clients must use a name in the certificate: {names}.
 
-Register each node's public key (once per SuperLink start, unless --database):
-  fl-app deploy register --superlink {address} --ca {found.ca_cert} node-0.pub ...
+Register each node's public key (once per SuperLink start, unless --database), here:
+  fl-app deploy register --superlink {control} --ca {found.ca_cert} node-0.pub ...
 
 Start a SuperNode on a device (it needs ca.crt and its own private key):
   fl-app deploy supernode --superlink {address} --ca ca.crt --key node-0 --data-dir /data/node-0
   or: flower-supernode --superlink {address} --root-certificates ca.crt \\
         --auth-supernode-private-key node-0 --node-config 'data-dir="/data/node-0"' --port 9094
 
-Submit runs (from the app folder), with a connection in $FLWR_HOME/config.toml:
+Submit runs (from the app folder, on this machine or through `ssh -L {port}:{upstream} ...`),
+with a connection in $FLWR_HOME/config.toml:
   [superlink]
   default = "fl-app"
   [superlink.fl-app]
-  address = "{address}"
+  address = "{control}"
   insecure = false
   root-certificates = "{found.ca_cert}"
 then: flwr run . fl-app --stream
-  or: fl-app-experiment federation=deployment-tls federation.address={address} \\
+  or: fl-app-experiment federation=deployment-tls federation.address={control} \\
         federation.root_certificates={found.ca_cert}
 
 $ {shlex.join(cmd)}""",
@@ -173,6 +230,36 @@ $ {shlex.join(cmd)}""",
     )
     os.execve(cmd[0], cmd, processes.process_env())
     return 0  # not reached
+
+
+@deploy.command("fleet-gateway")
+def fleet_gateway(
+    certs: Annotated[Path, typer.Option(help="folder with ca.crt, server.pem, server.key")],
+    superlink: Annotated[
+        str, typer.Option(metavar="HOST:PORT", help="the SuperLink, on this machine")
+    ] = f"127.0.0.1:{DEFAULT_SUPERLINK_PORT}",
+    host: Annotated[
+        str, typer.Option(help="where devices reach it (0.0.0.0 for every interface)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="its port")] = DEFAULT_FLEET_PORT,
+    parent_pid: Annotated[
+        int | None, typer.Option(hidden=True, help="exit once this process has ended")
+    ] = None,
+) -> int:
+    """Serve a SuperLink's Fleet API alone to the devices' network, in the foreground.
+
+    Forwards POST /v1/fleet/<call> (and GET /health) over TLS to --superlink,
+    presenting CERTS/server.pem; every other request (the Control API: `flwr run`,
+    `flwr supernode register`; the Runtime API) gets a 404 and one log line.
+    `fl-app deploy superlink` starts it; run it alone for a SuperLink started
+    otherwise. Stop it with Ctrl-C.
+    """
+    found = check_superlink_inputs(Certificates.in_dir(certs))
+    check_address(superlink)
+    from fl_app.deploy.gateway import serve  # deferred: uvicorn and httpx
+
+    serve(superlink, found.ca_cert, found.server_cert, found.server_key, host, port, parent_pid)
+    return 0
 
 
 @deploy.command("supernode")
@@ -224,9 +311,10 @@ def up(
 
     Makes (or reuses) certificates and node keys in DIR, prepares one data folder
     per node (unless --data-root already holds node-<i>/partition.npz), starts a
-    SuperLink on a free loopback port, registers the node keys, starts the
-    SuperNodes, waits until they are online, and writes DIR/federation.json
-    (processes, ports, FLWR_HOME, connection). The SuperLink keeps its state in
+    SuperLink on a free loopback port and a Fleet gateway on another (the
+    SuperNodes' address: it serves the Fleet API alone), registers the node
+    keys, starts the SuperNodes, waits until they are online, and writes
+    DIR/federation.json (processes, ports, FLWR_HOME, connection). The SuperLink keeps its state in
     DIR/superlink.db (fresh at every `up`), so `fl-app local restart --dir DIR
     superlink` keeps the registered keys. `fl-app local down --dir DIR` stops
     exactly those processes and what they started.
@@ -246,10 +334,14 @@ def up(
     except KeyboardInterrupt:
         print("interrupted: everything started was stopped", file=sys.stderr)
         return 130
-    assert fed.superlink is not None
+    assert fed.superlink is not None and fed.gateway is not None
     print(
         f"SuperLink  pid {fed.superlink.pid}  {fed.address}  (TLS, node auth; Fleet, Control"
-        f" and Runtime APIs on this one port)  log {fed.logs / 'superlink.log'}"
+        f" and Runtime APIs: the operator's port)  log {fed.logs / 'superlink.log'}"
+    )
+    print(
+        f"Gateway    pid {fed.gateway.pid}  {fed.fleet_address}  (the Fleet API alone: the"
+        f" SuperNodes' port)  log {fed.logs / 'fleet-gateway.log'}"
     )
     for node in fed.nodes:
         assert node.proc is not None

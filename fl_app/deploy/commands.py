@@ -7,6 +7,7 @@ one `DeploymentError` line naming it and what was expected.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,11 @@ FLOWER_SUPERLINK = str(processes.BIN / "flower-superlink")
 FLOWER_SUPERNODE = str(processes.BIN / "flower-supernode")
 # Flower 1.42's default SuperLink port: Fleet, Control and Runtime APIs all on it.
 DEFAULT_SUPERLINK_PORT = 8000
+# Where devices reach the Fleet gateway (the Fleet API's port before Flower 1.42).
+DEFAULT_FLEET_PORT = 9092
+# The SuperLink's own port serves the Control API, which authenticates nobody in
+# open-source Flower 1.42: it listens on one of these unless explicitly exposed.
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # Flower's default port of a SuperNode's own (ClientApp-facing) Runtime API.
 DEFAULT_SUPERNODE_PORT = 9094
 BIND_ALL = ("0.0.0.0", "::", "[::]")
@@ -203,6 +209,27 @@ def check_address(address: str, what: str = "--superlink") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def check_control_host(host: str, expose_control_api: bool = False) -> None:
+    """Check that the SuperLink's one port (Control API included) stays on loopback.
+
+    Anyone who reaches that port with ``ca.crt`` can register node keys and
+    submit runs (Flower 1.42's open-source Control API has no account
+    authentication), so another address needs ``expose_control_api``.
+
+    Raises
+    ------
+    DeploymentError
+        If ``host`` is not loopback and the exposure was not asked for.
+    """
+    if host.strip("[]").lower() not in LOOPBACK and not expose_control_api:
+        raise DeploymentError(
+            f"--host {host} is not allowed: expected a loopback address"
+            f" ({', '.join(LOOPBACK)}), since that port serves the Control API to anyone"
+            " holding ca.crt; devices reach the Fleet API through --fleet-host, or pass"
+            " --expose-control-api"
+        )
+
+
 def check_superlink_host(certs: Certificates, host: str) -> None:
     """Check that the SuperLink's own SuperExec will trust its certificate.
 
@@ -277,6 +304,82 @@ def start_superlink(
     check_superlink_host(certs, host)
     cmd = superlink_command(certs, port, host, database)
     return processes.start(cmd, log=log, cwd=cwd, env=env)
+
+
+def fleet_gateway_command(
+    certs: Certificates,
+    superlink: str,
+    port: int = DEFAULT_FLEET_PORT,
+    host: str = "127.0.0.1",
+    parent_pid: int | None = None,
+) -> list[str]:
+    """The ``fl-app deploy fleet-gateway`` command line (see `fl_app.deploy.gateway`).
+
+    Parameters
+    ----------
+    certs : Certificates
+        The CA certificate (to check the SuperLink) and the SuperLink's
+        certificate and key (which the gateway presents to SuperNodes).
+    superlink : str
+        The SuperLink's ``HOST:PORT`` on this machine.
+    port, host : int, str
+        Where devices reach the gateway (``0.0.0.0`` for every interface).
+    parent_pid : int, optional
+        The gateway exits once this process has ended.
+
+    Returns
+    -------
+    list of str
+        The argv (this Python, ``-m fl_app.cli``).
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "fl_app.cli",
+        "deploy",
+        "fleet-gateway",
+        "--certs",
+        str(Path(certs.ca_cert).parent),
+        "--superlink",
+        superlink,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if parent_pid is not None:
+        cmd += ["--parent-pid", str(parent_pid)]
+    return cmd
+
+
+def start_fleet_gateway(
+    certs: Certificates,
+    superlink: str,
+    port: int = DEFAULT_FLEET_PORT,
+    host: str = "127.0.0.1",
+    log: str | os.PathLike = "fleet-gateway.log",
+    env: Mapping[str, str] | None = None,
+) -> psutil.Popen:
+    """Start the Fleet gateway in the background; return its process.
+
+    Parameters
+    ----------
+    certs, superlink, port, host
+        See `fleet_gateway_command`.
+    log : str or os.PathLike
+        Its stdout and stderr (appended).
+    env : Mapping, optional
+        Its environment (default: this process's).
+
+    Returns
+    -------
+    psutil.Popen
+        The process, in its own session; stop it with `fl_app.launch.processes.stop_tree`.
+    """
+    check_superlink_inputs(certs)
+    check_address(superlink)
+    cmd = fleet_gateway_command(certs, superlink, port, host)
+    return processes.start(cmd, log=log, env=env)
 
 
 def check_supernode_inputs(

@@ -18,6 +18,7 @@ from fl_app.deploy.commands import (
     check_supernode_inputs,
     connect,
     require_dir,
+    start_fleet_gateway,
     start_superlink,
     start_supernode,
 )
@@ -33,6 +34,7 @@ from fl_app.launch.processes import ProcessRecord
 
 STATE_FILE = "federation.json"
 SUPERLINK = "superlink"
+FLEET_GATEWAY = "fleet-gateway"
 # The SuperLink's SQLite file: registered keys and runs outlive a restart of the SuperLink.
 DATABASE = "superlink.db"
 # Seconds between looks for processes started below ours (ServerApps, ClientApps).
@@ -110,6 +112,13 @@ class LocalFederation:
     here). Certificates, keys and data already there are reused. Ports are free
     loopback ports picked at `up`, kept across restarts.
 
+    As with `fl-app deploy superlink`, the SuperNodes reach the SuperLink only
+    through a Fleet gateway (`fl_app.deploy.gateway`) at `fleet_address`, which
+    forwards the Fleet API and refuses the Control and Runtime APIs; `address`,
+    the SuperLink's own port, is what the ``fl-app`` connection (`cli`) uses.
+    All of it is on 127.0.0.1, so on this machine that separates what each side
+    is configured to use, not what a local process could reach.
+
     Every SuperLink and SuperNode starts in its own session and leads a process
     group that whatever it starts (SuperExecs, ServerApps, ClientApps) joins;
     the state file records each as PID and start time, so no reused PID is ever
@@ -140,8 +149,12 @@ class LocalFederation:
         The ``fl-app`` connection, for ``submit``, ``follow``, ``wait``.
     address : str
         The SuperLink's ``127.0.0.1:PORT`` (Fleet, Control and Runtime APIs).
+    fleet_address : str
+        The Fleet gateway's ``127.0.0.1:PORT``: the SuperNodes' ``--superlink``.
     superlink : psutil.Process or None
         The SuperLink's process while it is up.
+    gateway : psutil.Process or None
+        The Fleet gateway's process while it is up.
     nodes : list of NodeProcess
         The SuperNodes started, in order.
     """
@@ -168,8 +181,12 @@ class LocalFederation:
         self.database = self.directory / DATABASE
         self.port = 0
         self.address = ""
+        self.fleet_port = 0
+        self.fleet_address = ""
         self.superlink: psutil.Process | None = None
         self._superlink_record: ProcessRecord | None = None
+        self.gateway: psutil.Process | None = None
+        self._gateway_record: ProcessRecord | None = None
         # Every SuperLink and SuperNode ever started (the leaders of process groups), by name.
         self.leaders: dict[ProcessRecord, str] = {}
         self.cli = FlowerCLI(self.flwr_home, self.env)
@@ -247,6 +264,11 @@ class LocalFederation:
         self.port = int(superlink.get("port", self.port))
         self._superlink_record = ProcessRecord.from_json(superlink)
         self.superlink = self._superlink_record.process() if self._superlink_record else None
+        gateway = state.get("fleet_gateway") or {}
+        self.fleet_port = int(gateway.get("port", self.fleet_port))
+        self.fleet_address = state.get("fleet_address", self.fleet_address)
+        self._gateway_record = ProcessRecord.from_json(gateway)
+        self.gateway = self._gateway_record.process() if self._gateway_record else None
         self.nodes = [NodeProcess.from_state(n) for n in state.get("supernodes", [])]
         self.num_nodes = len(self.nodes)
         self._remember(state)
@@ -272,15 +294,24 @@ class LocalFederation:
                 "port": self.port,
                 "log": str(self.logs / "superlink.log"),
             }
+        gateway = None
+        if self._gateway_record is not None:
+            gateway = {
+                **self._gateway_record.to_json(),
+                "port": self.fleet_port,
+                "log": str(self.logs / "fleet-gateway.log"),
+            }
         self._write(
             {
                 "directory": str(self.directory),
                 "address": self.address,
+                "fleet_address": self.fleet_address,
                 "connection": CONNECTION,
                 "flwr_home": str(self.flwr_home),
                 "ca_cert": str(self.certs.ca_cert),
                 "database": str(self.database),
                 "superlink": superlink,
+                "fleet_gateway": gateway,
                 "supernodes": [n.state() for n in self.nodes],
                 "groups": [{"name": n, **r.to_json()} for r, n in self.leaders.items()],
                 "descendants": [r.to_json() for r in self.below.records()],
@@ -341,6 +372,9 @@ class LocalFederation:
             self.address = f"127.0.0.1:{self.port}"
             self.cli = connect(self.flwr_home, self.address, certs.ca_cert, self.env)
             self._start_superlink()
+            self.fleet_port = processes.free_port()
+            self.fleet_address = f"127.0.0.1:{self.fleet_port}"
+            self._start_gateway()
             self.below.watch()
             for key, data_dir in zip(keys, data_dirs, strict=True):
                 self.add_node(key, data_dir, wait=False)
@@ -369,6 +403,28 @@ class LocalFederation:
             lambda: superlink_healthy(self.address, self.certs.ca_cert),
             [proc],
             f"the SuperLink at {self.address} to answer",
+        )
+
+    def _start_gateway(self) -> None:
+        """Start the Fleet gateway in front of our SuperLink; wait until it answers.
+
+        It stays up while the SuperLink restarts: a SuperNode's call in between
+        gets a 502, which Flower's SuperNode retries like a refused connection.
+        """
+        with processes.interrupts_deferred():  # started is recorded
+            proc = start_fleet_gateway(
+                self.certs,
+                self.address,
+                self.fleet_port,
+                log=self.logs / "fleet-gateway.log",
+                env=self._env(),
+            )
+            self.gateway, self._gateway_record = proc, ProcessRecord.of(proc)
+            self._started(self._gateway_record, FLEET_GATEWAY)
+        self._wait(
+            lambda: superlink_healthy(self.fleet_address, self.certs.ca_cert),
+            [proc],
+            f"the Fleet gateway at {self.fleet_address} to answer",
         )
 
     def _started(self, record: ProcessRecord | None, name: str) -> None:
@@ -425,7 +481,7 @@ class LocalFederation:
     def _start_node(self, node: NodeProcess) -> None:
         with processes.interrupts_deferred():  # started is recorded
             node.proc = start_supernode(
-                self.address,
+                self.fleet_address,
                 self.certs.ca_cert,
                 node.key.private,
                 node.data_dir,
@@ -615,11 +671,14 @@ class LocalFederation:
                         self.cli.stop_unfinished_runs(timeout=20)
                 self.below.look()
             finally:
-                # SuperNodes first, all at once: they leave the SuperLink. Then the
-                # SuperLink, then what is left of their groups and below them.
-                nodes = [r for r, name in self.leaders.items() if name != SUPERLINK]
+                # SuperNodes first, all at once: they leave the SuperLink (through the
+                # gateway, so it stays until they are gone). Then the SuperLink and the
+                # gateway, then what is left of their groups and below them.
+                links = (SUPERLINK, FLEET_GATEWAY)
+                nodes = [r for r, name in self.leaders.items() if name not in links]
                 processes.stop(p for p in map(_live, nodes) if p is not None)
-                processes.stop([p] if (p := _live(superlink)) is not None else [])
+                gateways = [r for r, name in self.leaders.items() if name == FLEET_GATEWAY]
+                processes.stop(p for p in map(_live, [superlink, *gateways]) if p is not None)
                 processes.stop(self.left_running())
                 left = self.left_running()
                 self._mark_down()
@@ -637,7 +696,7 @@ class LocalFederation:
         return processes.in_groups([*self.leaders, *self.below.records()])
 
     def _superlink_leftovers(self) -> list[psutil.Process]:
-        """What earlier SuperLinks started that still runs: all that is no SuperNode's.
+        """What earlier SuperLinks started that still runs: all that is no SuperNode's or gateway's.
 
         A SuperNode's SuperExec and ClientApps stay in its process group; the
         SuperLink's SuperExec leads a group of its own, and its ServerApps, also
@@ -654,6 +713,7 @@ class LocalFederation:
             with contextlib.suppress(OSError):
                 self._write({**state, "stopped": True})
         self.superlink = None
+        self.gateway = None
         for node in self.nodes:
             node.proc = None
 
