@@ -12,7 +12,7 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from fl_app.launch.sweep import COLUMNS, main, read_sweep, summarize_sweep
+from fl_app.launch.sweep import COLUMNS, main, markdown_table, read_sweep, summarize_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -134,6 +134,7 @@ def test_summary_csv_has_one_row_per_job_in_numeric_order(sweep: Path) -> None:
         "wall_time_s",
         "bytes_sent",
         "bytes_received",
+        "final_epsilon",
     ]
 
 
@@ -151,6 +152,7 @@ def test_summary_csv_values(sweep: Path) -> None:
         "wall_time_s": "81.2",
         "bytes_sent": str(1000 + 2000 + 3000),
         "bytes_received": str(100 + 200 + 300),
+        "final_epsilon": "",
     }
     # Failed before writing metrics.json: status and wall time only.
     assert rows[1] == {
@@ -164,6 +166,7 @@ def test_summary_csv_values(sweep: Path) -> None:
         "wall_time_s": "4.5",
         "bytes_sent": "",
         "bytes_received": "",
+        "final_epsilon": "",
     }
     # No status.json: the status comes from metrics.json.
     assert rows[2] == {
@@ -177,6 +180,7 @@ def test_summary_csv_values(sweep: Path) -> None:
         "wall_time_s": "",
         "bytes_sent": "1000",
         "bytes_received": "100",
+        "final_epsilon": "",
     }
     # Rounds but no server accuracy anywhere; null wall time.
     assert rows[3] == {
@@ -190,6 +194,7 @@ def test_summary_csv_values(sweep: Path) -> None:
         "wall_time_s": "",
         "bytes_sent": "3000",
         "bytes_received": "300",
+        "final_epsilon": "",
     }
     assert rows[10]["overrides"] == "seed=10"
     assert float(rows[10]["final_server_accuracy"]) == pytest.approx(0.3)
@@ -313,3 +318,18 @@ def test_unreadable_file_is_warned_about_and_the_job_kept(tmp_path: Path) -> Non
     assert [(r["job"], r["status"], r["final_server_accuracy"]) for r in rows] == [
         ("0", "completed", "0.5")
     ]
+
+
+def test_a_dp_sweep_reports_the_epsilon_each_job_spent(tmp_path: Path) -> None:
+    root = tmp_path / "dp-sweep"
+    for job, noise in enumerate((0.5, 2.0)):
+        metrics = metrics_file("completed", [0.3, 0.35])
+        for n, record in enumerate(metrics["rounds"][1:], start=1):
+            record |= {"dp_epsilon": n * 4.0 / noise, "dp_delta": 1e-5}
+        write_job(root, job, [f"dp=server dp.noise_multiplier={noise}"], metrics)
+
+    rows = read_rows(summarize_sweep(root)[0])
+    assert [row["final_epsilon"] for row in rows] == ["16.0", "4.0"]
+    table = markdown_table(rows).splitlines()
+    assert table[0] == "| job | overrides | status | final | best | wall time | ε |"
+    assert table[3].endswith("| 4.00 |")

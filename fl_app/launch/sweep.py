@@ -36,6 +36,7 @@ COLUMNS = (
     "wall_time_s",
     "bytes_sent",
     "bytes_received",
+    "final_epsilon",
 )
 SUMMARY_CSV = "summary.csv"
 ACCURACY_PNG = "accuracy.png"
@@ -55,6 +56,8 @@ class JobSummary:
     wall_time_s: float | None
     bytes_sent: int | None
     bytes_received: int | None
+    # ε spent by the last round of a run with client-level DP.
+    final_epsilon: float | None = None
     # (round, server_accuracy) pairs in round order, round 0 included.
     accuracy: tuple[tuple[int, float], ...] = ()
 
@@ -147,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         description=(
             "Summarise a Hydra multirun sweep of fl_app: writes <sweep_dir>/summary.csv "
             "(one row per job: overrides, status, rounds, final and best server accuracy, "
-            "wall time, bytes sent/received) and <sweep_dir>/accuracy.png (server accuracy "
-            "per round, one line per job), then prints a markdown table of the jobs."
+            "wall time, bytes sent/received, final DP epsilon) and <sweep_dir>/accuracy.png "
+            "(server accuracy per round, one line per job), then prints a markdown table of the "
+            "jobs."
         ),
     )
     parser.add_argument("sweep_dir", help="the sweep folder, e.g. multirun/2026-11-25/12-00-00")
@@ -178,9 +182,13 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     Returns
     -------
     str
-        Columns job, overrides, status, final, best (with its round) and wall time.
+        Columns job, overrides, status, final, best (with its round) and wall time, and
+        ε when a job ran with client-level DP.
     """
-    lines = ["| job | overrides | status | final | best | wall time |", "|---|---|---|---|---|---|"]
+    with_epsilon = any(row.get("final_epsilon") for row in rows)
+    header = ["job", "overrides", "status", "final", "best", "wall time"]
+    header += ["ε"] if with_epsilon else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         best = _fixed(row["best_server_accuracy"], 4)
         if best and row["best_round"]:
@@ -194,6 +202,8 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
             best,
             f"{wall} s" if wall else "",
         )
+        if with_epsilon:
+            cells += (_fixed(row["final_epsilon"], 2),)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -229,6 +239,7 @@ def _read_job(job_dir: Path) -> JobSummary:
     # max() keeps the first maximum: ties go to the earliest round, as the strategy's "best".
     best = max(accuracy, key=lambda pair: pair[1]) if accuracy else None
     wall_time = status.get("wall_time")
+    epsilons = [r["dp_epsilon"] for r in rounds if _is_number(r.get("dp_epsilon"))]
     return JobSummary(
         job=int(job_dir.name),
         overrides=tuple(str(o) for o in overrides) if isinstance(overrides, list) else (),
@@ -240,6 +251,7 @@ def _read_job(job_dir: Path) -> JobSummary:
         wall_time_s=float(wall_time) if _is_number(wall_time) else None,
         bytes_sent=_sum_bytes(rounds, "bytes_sent"),
         bytes_received=_sum_bytes(rounds, "bytes_received"),
+        final_epsilon=epsilons[-1] if epsilons else None,
         accuracy=accuracy,
     )
 
