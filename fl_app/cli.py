@@ -44,6 +44,7 @@ BENCHMARKS = {
     "accuracy": ("accuracy_report", "federated against centralised accuracy"),
     "memory": ("measure_memory", "peak RSS of one training process per phase"),
     "data-memory": ("measure_data_memory", "peak RSS of a node by size of its image folder"),
+    "dp": ("dp_table", "accuracy against epsilon of client-level DP, 20 nodes"),
 }
 REPO = Path(__file__).resolve().parents[1]
 # What `main` reports as one `error:` line: our own failures (DeploymentError,

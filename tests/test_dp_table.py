@@ -1,21 +1,15 @@
-"""scripts/dp_table.py's arithmetic and bookkeeping, without a simulation."""
+"""benchmarks/dp_table.py's arithmetic and bookkeeping, without a simulation."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks import dp_table
 from fl_app.privacy import noise_std
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "dp_table.py"
-_spec = importlib.util.spec_from_file_location("dp_table", SCRIPT)
-dp_table = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dp_table)
 
 
 def _metrics(**per_round):

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Accuracy against ε: client-level DP-FedAvg on Fashion-MNIST, EfficientNet-Lite0 head phase.
 
 Runs, through the Hydra launcher (``python -m fl_app.launch.experiment``, a local
@@ -23,7 +22,7 @@ L2 norm, would be as large as one clipped update ``C``: ``m = sqrt(d)·z``. Writ
 numbers to ``--out`` (default ``docs/dp_table.json``); ``--table-only`` reprints the
 table from it.
 
-Usage: python scripts/dp_table.py [--nodes 20] [--examples 200] [--rounds 10] ...
+Usage: fl-app bench dp [--nodes 20] [--examples 200] [--rounds 10] ...
 """
 
 from __future__ import annotations
