@@ -235,9 +235,10 @@ class RunConfig:
         "strategy",
     )
     max_update_norm_ratio: float = key(
-        0.0,
+        10.0,
         "Reject an update whose L2 norm exceeds this multiple of the round's median update norm "
-        "(0 = off; e.g. 5).",
+        "(0 = off; needs 3+ replies to catch anything; off under DP, whose clip bounds every "
+        "update).",
         Rule(lambda v: v == 0 or v > 1, "0 (off) or a number > 1"),
         "strategy",
     )
@@ -472,16 +473,12 @@ class RunConfig:
                 f"expected {name('val-fraction')} > 0 or {name('fraction-evaluate')}=0"
             )
         if self.dp != "none":
-            for key_name, value, plain in (
-                ("aggregation", self.aggregation, "mean"),
-                ("max-update-norm-ratio", self.max_update_norm_ratio, 0.0),
-            ):
-                if value != plain:
-                    raise ValueError(
-                        f"{name(key_name)}={value!r} is not allowed with {name('dp')}="
-                        f"{self.dp!r}: expected {plain!r} (clipping already bounds every "
-                        "update, and the privacy analysis holds for the plain average)"
-                    )
+            if self.aggregation != "mean":
+                raise ValueError(
+                    f"{name('aggregation')}={self.aggregation!r} is not allowed with "
+                    f"{name('dp')}={self.dp!r}: expected 'mean' (clipping already bounds every "
+                    "update, and the privacy analysis holds for the plain average)"
+                )
             if self.exchange != "trainable":
                 raise ValueError(
                     f"{name('exchange')}={self.exchange!r} is not allowed with {name('dp')}="

@@ -246,6 +246,12 @@ def main(grid: Grid, context: Context) -> None:
             config.dp_delta,
             f"{config.dp_target_epsilon:g}" if config.dp_target_epsilon else "none",
         )
+        if config.max_update_norm_ratio:
+            log(
+                INFO,
+                "dp=%s: no norm screen (max-update-norm-ratio); the clip bounds updates",
+                config.dp,
+            )
     strategy = TransferFedAvg(
         schedule=TransferSchedule.from_config(config),
         folder=folder,

@@ -92,7 +92,9 @@ class TransferFedAvg(FedAvg):
     trim_fraction : float
         Share cut from each end by ``trimmed-mean``.
     max_update_norm_ratio : float
-        Reject updates whose norm exceeds this multiple of the round's median (0: off).
+        Reject updates whose norm exceeds this multiple of the round's median (0: off;
+        not applied with ``dp``, whose clipping bounds every update and whose analysis
+        would not cover a rejection that depends on the other nodes).
     max_examples_ratio : float
         Cap on a reply's weight, as a multiple of the round's median claim (0: none).
     dp : str
@@ -353,11 +355,15 @@ class TransferFedAvg(FedAvg):
         if self.privacy is not None:
             combined = self._private_mean(updates, sampled)
         else:
-            claims = [float(r["metrics"][self.weighted_by_key]) for r in metric_records]
-            weights = aggregation.capped_weights(claims, self.max_examples_ratio)
-            capped = sum(w < c for w, c in zip(weights, claims, strict=True))
-            if capped:
-                self._round["capped_claims"] = capped
+            weights = [float(r["metrics"][self.weighted_by_key]) for r in metric_records]
+            if self.aggregation == "mean":
+                claims, weights = (
+                    weights,
+                    aggregation.capped_weights(weights, self.max_examples_ratio),
+                )
+                capped = sum(w < c for w, c in zip(weights, claims, strict=True))
+                if capped:
+                    self._round["capped_claims"] = capped
             combined = aggregation.combine(updates, weights, self.aggregation, self.trim_fraction)
         averaged = {
             key: Array((ref + delta).astype(expected.dtype))

@@ -177,7 +177,6 @@ def test_the_budget_spent_survives_a_checkpoint(tmp_path):
     "key,value,expected",
     [
         ("aggregation", "median", "expected 'mean' (clipping already bounds every update"),
-        ("max-update-norm-ratio", 5.0, "expected 0.0 (clipping already bounds every update"),
         ("exchange", "full", "expected 'trainable' (noise is added to what travels"),
     ],
 )
