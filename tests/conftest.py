@@ -6,14 +6,29 @@ import io
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
-from flwr.app import MessageType, Metadata
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 
 from fl_app.launch.flower_cli import FlowerCLI
 from fl_app.launch.local_superlink import LocalSuperLink
+from fl_app.run_folder import RunFolder
+from fl_app.schedule import TransferSchedule
+from fl_app.strategy import TransferFedAvg
+from fl_app.wire.exchange import ServerExchange
 
 REPO = Path(__file__).resolve().parents[1]
 # A run small enough for tests: one head round, one fine-tune round, 32 px, few examples.
@@ -86,6 +101,39 @@ def message_metadata(src: int, dst: int, message_type: str = MessageType.TRAIN) 
         ttl=60.0,
         message_type=message_type,
     )
+
+
+def train_reply(node: int, arrays: dict[str, np.ndarray], num_examples: float) -> Message:
+    """Node ``node``'s train reply (float32 ``arrays``) to the server's message ``0-<node>``."""
+    metrics = {"num-examples": num_examples, "train_loss": 1.0, "train_accuracy": 0.5}
+    metrics |= {"train_time": 0.1, "client_time": 0.2}
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v.astype(np.float32)) for k, v in arrays.items()}),
+            "metrics": MetricRecord(metrics),
+        }
+    )
+    reply = Message(content, metadata=message_metadata(node, 0))
+    reply.metadata.__dict__["_reply_to_message_id"] = f"0-{node}"
+    return reply
+
+
+def strategy_in_round(
+    tmp_path: Path, sent: dict[str, np.ndarray], nodes: Iterable[int], **options: Any
+) -> TransferFedAvg:
+    """A TransferFedAvg that has sent ``sent`` (whole, uncompressed) to ``nodes`` this round."""
+    strategy = TransferFedAvg(
+        schedule=TransferSchedule(2, 1e-3, 1e-4, 32),
+        folder=RunFolder(tmp_path, lambda arrays, path: path.write_bytes(b"model")),
+        wire=ServerExchange("full", "none", {}),
+        min_train_nodes=2,
+        **options,
+    )
+    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in sent.items()})
+    strategy.wire.start_round()
+    strategy.wire.sent = strategy.global_arrays
+    strategy._sent = [Message(RecordDict(), metadata=message_metadata(0, n)) for n in nodes]
+    return strategy
 
 
 @pytest.fixture

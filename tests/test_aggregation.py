@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import message_metadata
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from conftest import strategy_in_round, train_reply
+from flwr.app import ArrayRecord, Message
 
 from fl_app import aggregation
-from fl_app.run_folder import RunFolder
-from fl_app.schedule import TransferSchedule
 from fl_app.strategy import TransferFedAvg
-from fl_app.wire.exchange import ServerExchange
 
 SHAPES = {"dense/kernel": (16, 8), "dense/bias": (8,)}
 HONEST, SCALED, CLAIMS = 9, 10, 11  # node ids of the last honest node and the two bad ones
@@ -59,36 +56,14 @@ def _replies(rng: np.random.Generator, sent: dict[str, np.ndarray]) -> list[Mess
             arrays = {k: v - 0.1 for k, v in sent.items()}
         if node == SCALED:
             arrays = {k: v * 1e4 for k, v in arrays.items()}
-        metrics = {"num-examples": count, "train_loss": 1.0, "train_accuracy": 0.5}
-        metrics |= {"train_time": 0.1, "client_time": 0.2}
-        content = RecordDict(
-            {
-                "arrays": ArrayRecord({k: Array(v.astype(np.float32)) for k, v in arrays.items()}),
-                "metrics": MetricRecord(metrics),
-            }
-        )
-        reply = Message(content, metadata=message_metadata(node, 0))
-        reply.metadata.__dict__["_reply_to_message_id"] = f"0-{node}"
-        replies.append(reply)
+        replies.append(train_reply(node, arrays, count))
     return replies
 
 
 def _round(tmp_path, **options) -> tuple[TransferFedAvg, dict[str, np.ndarray], ArrayRecord]:
     rng = np.random.default_rng(3)
     sent = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-    strategy = TransferFedAvg(
-        schedule=TransferSchedule(2, 1e-3, 1e-4, 32),
-        folder=RunFolder(tmp_path, lambda arrays, path: path.write_bytes(b"model")),
-        wire=ServerExchange("full", "none", {}),
-        min_train_nodes=2,
-        **options,
-    )
-    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in sent.items()})
-    strategy.wire.start_round()
-    strategy.wire.sent = strategy.global_arrays
-    strategy._sent = [
-        Message(RecordDict(), metadata=message_metadata(0, node)) for node in range(1, CLAIMS + 1)
-    ]
+    strategy = strategy_in_round(tmp_path, sent, range(1, CLAIMS + 1), **options)
     arrays, _ = strategy.aggregate_train(1, _replies(rng, sent))
     assert arrays is not None
     return strategy, sent, arrays

@@ -11,16 +11,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import message_metadata
+from conftest import message_metadata, strategy_in_round, train_reply
 from dp_accounting.rdp import rdp_privacy_accountant
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fl_app import privacy
 from fl_app.config import RunConfig, defaults
-from fl_app.run_folder import RunFolder, load_checkpoint
-from fl_app.schedule import TransferSchedule
-from fl_app.strategy import BudgetSpentError, TransferFedAvg
-from fl_app.wire.exchange import ServerExchange
+from fl_app.run_folder import load_checkpoint
+from fl_app.strategy import BudgetSpentError
 
 SHAPES = {"dense/kernel": (64, 32), "dense/bias": (32,)}
 
@@ -77,42 +75,21 @@ def _replies(sent: dict[str, np.ndarray], nodes: range, rng) -> list[Message]:
     for node in nodes:
         scale = 10.0 ** (node % 4 - 2)  # update norms from ~0.06 to ~60
         arrays = {k: v + scale * rng.standard_normal(v.shape) for k, v in sent.items()}
-        metrics = {"num-examples": 10**node, "train_loss": 1.0, "train_accuracy": 0.5}
-        metrics |= {"train_time": 0.1, "client_time": 0.2}
-        reply = Message(
-            RecordDict(
-                {
-                    "arrays": ArrayRecord(
-                        {k: Array(v.astype(np.float32)) for k, v in arrays.items()}
-                    ),
-                    "metrics": MetricRecord(metrics),
-                }
-            ),
-            metadata=message_metadata(node, 0),
-        )
-        reply.metadata.__dict__["_reply_to_message_id"] = f"0-{node}"
-        replies.append(reply)
+        replies.append(train_reply(node, arrays, 10**node))
     return replies
 
 
 def _dp_strategy(tmp_path, noise_multiplier=1e-9, target=0.0, sampled=8, clip=1.0):
     rng = np.random.default_rng(1)
     sent = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-    strategy = TransferFedAvg(
-        schedule=TransferSchedule(2, 1e-3, 1e-4, 32),
-        folder=RunFolder(tmp_path, lambda arrays, path: path.write_bytes(b"model")),
-        wire=ServerExchange("full", "none", {}),
-        min_train_nodes=2,
+    strategy = strategy_in_round(
+        tmp_path,
+        sent,
+        range(1, sampled + 1),
         dp="server",
         dp_clip=clip,
         privacy=privacy.PrivacyBudget(noise_multiplier, 1e-5, target),
     )
-    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in sent.items()})
-    strategy.wire.start_round()
-    strategy.wire.sent = strategy.global_arrays
-    strategy._sent = [
-        Message(RecordDict(), metadata=message_metadata(0, node)) for node in range(1, sampled + 1)
-    ]
     return strategy, sent, rng
 
 
