@@ -33,6 +33,8 @@ COMPRESSIONS = ("none", "float16", "int8")
 # Random changes that keep the label: a shift by up to 10% of the side, and for
 # datasets whose mirror images are the same class, a left-right flip.
 AUGMENTATIONS = ("none", "shift", "flip-shift")
+# What the server does with the round's combined update (Flower's rules, on our arrays).
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 # How the validated updates of a round are combined (coordinate-wise but for `mean`).
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
 # Client-level differential privacy: off, clipped on the server, or on the node.
@@ -220,6 +222,51 @@ class RunConfig:
         one_of(COMPRESSIONS),
         "strategy",
     )
+    # The federated algorithm.
+    strategy: str = key(
+        "fedavg",
+        "`fedavg`, `fedprox` (nodes add μ/2·‖w − w_global‖² to their loss), or a server "
+        "optimiser on the combined update: `fedavgm` (momentum), `fedadam`, `fedyogi`, "
+        "`fedadagrad`.",
+        one_of(STRATEGIES),
+        "strategy",
+        "name",
+    )
+    server_learning_rate: float = key(
+        0.0,
+        "fedavgm/fedadam/fedyogi/fedadagrad: the server's step size η (0 = Flower's default: "
+        "1.0 fedavgm, 0.1 fedadam and fedadagrad, 0.01 fedyogi).",
+        at_least(0, "a number"),
+        "strategy",
+    )
+    server_momentum: float = key(
+        0.9,
+        "fedavgm: momentum of the server's update.",
+        Rule(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        "strategy",
+    )
+    beta_1: float = key(
+        0.9,
+        "fedadam/fedyogi: decay of the first moment.",
+        Rule(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        "strategy",
+    )
+    beta_2: float = key(
+        0.99,
+        "fedadam/fedyogi: decay of the second moment.",
+        Rule(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        "strategy",
+    )
+    tau: float = key(
+        0.0,
+        "fedadam/fedyogi/fedadagrad: the adaptivity τ added to √v (0 = Flower's default: 1e-9, "
+        "1e-3 fedyogi).",
+        at_least(0, "a number"),
+        "strategy",
+    )
+    proximal_mu: float = key(
+        0.01, "fedprox: μ of the proximal term (0 = FedAvg).", at_least(0, "a number"), "strategy"
+    )
     # Robust aggregation.
     aggregation: str = key(
         "mean",
@@ -342,6 +389,12 @@ class RunConfig:
         "Memory (and, deployed, disk) for cached activations, in MB.",
         at_least(1),
         "model",
+    )
+    personalize_epochs: int = key(
+        0,
+        "Evaluation also fine-tunes a copy of the head on the node's train split for this many "
+        "epochs and reports `personalized_accuracy` (the global model is unchanged; 0 = off).",
+        at_least(0),
     )
     # Data.
     dataset: str = key(

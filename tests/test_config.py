@@ -41,7 +41,7 @@ def test_groups_are_the_documented_ones():
         "model": ["efficientnet_lite0", "resnet50"],
         "dataset": ["cifar10", "fashion_mnist", "images", "mnist"],
         "partitioner": ["dirichlet", "iid"],
-        "strategy": ["fedavg"],
+        "strategy": ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox", "fedyogi"],
         "dp": ["client", "none", "server"],
     }
 
@@ -66,6 +66,8 @@ def test_every_group_option_composes_against_the_schema(group, option, tmp_path)
         assert run_config["input-size"] == 224 and run_config["max-examples-per-node"] == 0
     if group == "partitioner":
         assert run_config["partitioner"] == option
+    if group == "strategy":
+        assert run_config["strategy"] == option
     if group == "model":
         assert run_config["backbone"] == option
     if group == "federation":
