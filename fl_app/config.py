@@ -225,7 +225,7 @@ class RunConfig:
     # The federated algorithm.
     strategy: str = key(
         "fedavg",
-        "`fedavg`, `fedprox` (nodes add μ/2·‖w − w_global‖² to their loss), or a server "
+        "`fedavg`, `fedprox` (nodes add μ/2·‖w - w_global‖² to their loss), or a server "
         "optimiser on the combined update: `fedavgm` (momentum), `fedadam`, `fedyogi`, "
         "`fedadagrad`.",
         one_of(STRATEGIES),

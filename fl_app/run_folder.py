@@ -36,8 +36,10 @@ class Checkpoint(NamedTuple):
     rounds: list[dict[str, Any]]
     holders: dict[int, str]
     bases: dict[str, ArrayRecord]
-    # The strategy's own state across rounds (e.g. the privacy budget spent).
+    # The strategy's own state across rounds: JSON (the privacy budget spent) and arrays
+    # (a server optimiser's moments).
     state: dict[str, Any]
+    state_arrays: dict[str, np.ndarray]
 
 
 class RunFolder:
@@ -88,12 +90,13 @@ class RunFolder:
         arrays: ArrayRecord,
         wire_state: tuple[Mapping[int, str], Mapping[str, ArrayRecord]] | None = None,
         state: Mapping[str, Any] | None = None,
+        state_arrays: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Add a finished round (``record["round"]``; 0 is the start) and log its summary.
 
         With ``wire_state`` (which base each node holds, and the bases), the
-        round's checkpoint, with the strategy's ``state``, is written before
-        ``metrics.json`` shows the round.
+        round's checkpoint, with the strategy's ``state`` and ``state_arrays``, is
+        written before ``metrics.json`` shows the round.
         """
         self.rounds.append(record)
         accuracy = record.get(self.best_by)
@@ -103,7 +106,9 @@ class RunFolder:
             self.run_info["best"] = {"round": record["round"], self.best_by: accuracy}
             self.save(arrays, "best.keras")
         if wire_state is not None:
-            self.checkpoint(record["round"], arrays, *wire_state, state=state)
+            self.checkpoint(
+                record["round"], arrays, *wire_state, state=state, state_arrays=state_arrays
+            )
         self.write_metrics("running")
         if self._tensorboard is not None:
             self._tensorboard(record)
@@ -128,6 +133,7 @@ class RunFolder:
         holders: Mapping[int, str],
         bases: Mapping[str, ArrayRecord],
         state: Mapping[str, Any] | None = None,
+        state_arrays: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Write the checkpoint of a completed round: the global arrays and the wire's state.
 
@@ -136,10 +142,18 @@ class RunFolder:
         renamed into place: a crash in between leaves the previous checkpoint
         whole. ``holders`` says which base each node holds; each base is written
         once (``base-<hash>.npz``), so that nodes keep theirs across a resume.
-        ``state`` is the strategy's own (JSON), given back by `load_checkpoint`.
+        ``state`` (JSON) and ``state_arrays`` are the strategy's own, given back by
+        `load_checkpoint`.
         """
         name = f"checkpoint-r{server_round:04d}.npz"
         _write_arrays(self.path / name, arrays)
+        state_file = None
+        if state_arrays:
+            state_file = f"state-r{server_round:04d}.npz"
+            _write_arrays(
+                self.path / state_file,
+                ArrayRecord({key: Array(np.asarray(v)) for key, v in state_arrays.items()}),
+            )
         base_files = {}
         for base in set(holders.values()):
             base_files[base] = f"base-{base}.npz"
@@ -154,10 +168,11 @@ class RunFolder:
             "run_info": self.run_info,
             "rounds": self.rounds,
             "state": dict(state or {}),
+            "state_arrays": state_file,
         }
         _write_text(self.path / CHECKPOINT, json.dumps(content, indent=2))
-        for old in self.path.glob("checkpoint-r*.npz"):
-            if old.name != name:
+        for old in [*self.path.glob("checkpoint-r*.npz"), *self.path.glob("state-r*.npz")]:
+            if old.name not in (name, state_file):
                 old.unlink(missing_ok=True)
         for old in self.path.glob("base-*.npz"):
             if old.name not in base_files.values():
@@ -171,6 +186,10 @@ def load_checkpoint(folder: str | os.PathLike, key: str = "resume") -> Checkpoin
         content = json.loads((path / CHECKPOINT).read_text())
         arrays = _read_arrays(path / content["arrays"], content["keys"])
         bases = {name: _read_arrays(path / file) for name, file in content["bases"].items()}
+        state_file = content.get("state_arrays")
+        state_arrays = (
+            {k: a.numpy() for k, a in _read_arrays(path / state_file).items()} if state_file else {}
+        )
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(
             f"{key}={str(folder)!r} is not allowed: expected a run folder with a readable "
@@ -185,6 +204,7 @@ def load_checkpoint(folder: str | os.PathLike, key: str = "resume") -> Checkpoin
         holders,
         bases,
         content.get("state", {}),
+        state_arrays,
     )
 
 
@@ -216,6 +236,7 @@ def summary(record: Mapping[str, Any], is_best: bool) -> str:
     for key, label in (
         ("train_accuracy", "train acc"),
         ("eval_accuracy", "val acc"),
+        ("personalized_accuracy", "personalised val acc"),
         ("server_accuracy", "server acc"),
     ):
         if key in record:

@@ -34,6 +34,7 @@ from fl_app.model.classifier import (
 from fl_app.privacy import PrivacyBudget
 from fl_app.run_folder import RunFolder, load_checkpoint
 from fl_app.schedule import TransferSchedule
+from fl_app.server_opt import ServerOptimizer
 from fl_app.strategy import TransferFedAvg
 from fl_app.wire.exchange import ServerExchange
 
@@ -53,6 +54,8 @@ RESUME_KEYS = (
     "dp-clip",
     "dp-noise-multiplier",
     "dp-delta",
+    # The server optimiser's moments continue only under the same rule.
+    "strategy",
 )
 # The input size ImageNet backbones were trained at: what photos want.
 PHOTO_INPUT_SIZE = 224
@@ -135,6 +138,24 @@ def _best_by(test_source: str, has_test: bool, config: RunConfig) -> str:
     if config.fraction_evaluate == 0:
         log(WARNING, "fraction-evaluate=0 and no test set: no best.keras, only final.keras")
     return "eval_accuracy"
+
+
+def _strategy_settings(config: RunConfig, optimizer: ServerOptimizer) -> str:
+    """The hyper-parameters the run's strategy uses, for its log line."""
+    if config.strategy == "fedprox":
+        return f": proximal mu {config.proximal_mu:g} on the nodes"
+    if config.strategy == "fedavgm":
+        return (
+            f": server learning rate {optimizer.learning_rate:g}, momentum {optimizer.momentum:g}"
+        )
+    if config.strategy in ("fedadam", "fedyogi"):
+        return (
+            f": server learning rate {optimizer.learning_rate:g}, beta_1 {optimizer.beta_1:g}, "
+            f"beta_2 {optimizer.beta_2:g}, tau {optimizer.tau:g}"
+        )
+    if config.strategy == "fedadagrad":
+        return f": server learning rate {optimizer.learning_rate:g}, tau {optimizer.tau:g}"
+    return ""
 
 
 def _check_resumable(config: RunConfig, classes: tuple[str, ...], run_dir: Path) -> None:
@@ -252,6 +273,17 @@ def main(grid: Grid, context: Context) -> None:
                 "dp=%s: no norm screen (max-update-norm-ratio); the clip bounds updates",
                 config.dp,
             )
+    server_optimizer = ServerOptimizer(
+        config.strategy,
+        config.server_learning_rate,
+        config.server_momentum,
+        config.beta_1,
+        config.beta_2,
+        config.tau,
+    )
+    if checkpoint is not None:
+        server_optimizer.load_state(checkpoint.state_arrays)
+    log(INFO, "Strategy %s%s", config.strategy, _strategy_settings(config, server_optimizer))
     strategy = TransferFedAvg(
         schedule=TransferSchedule.from_config(config),
         folder=folder,
@@ -267,6 +299,7 @@ def main(grid: Grid, context: Context) -> None:
         dp=config.dp,
         dp_clip=config.dp_clip,
         privacy=privacy,
+        server_optimizer=server_optimizer,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_train_nodes,

@@ -28,6 +28,7 @@ from fl_app import aggregation
 from fl_app.privacy import PrivacyBudget, clip, noise_std, noised_mean
 from fl_app.run_folder import RunFolder
 from fl_app.schedule import TransferSchedule
+from fl_app.server_opt import ServerOptimizer
 from fl_app.wire.exchange import ServerExchange
 
 TRAIN_METRICS = ("train_loss", "train_accuracy", "train_time", "client_time")
@@ -38,6 +39,8 @@ class BudgetSpentError(Exception):
 
 
 EVAL_METRICS = ("eval_loss", "eval_accuracy")
+# With personalize-epochs: the node's fine-tuned copy of the head, on the same split.
+PERSONAL_METRICS = ("personalized_loss", "personalized_accuracy")
 
 
 def _metric_problem(metrics: MetricRecord, keys: Iterable[str], weight_key: str) -> str | None:
@@ -104,6 +107,8 @@ class TransferFedAvg(FedAvg):
         The L2 bound of each update.
     privacy : PrivacyBudget, optional
         The noise multiplier, δ, ε target and rounds released (with ``dp``).
+    server_optimizer : ServerOptimizer, optional
+        Turns the combined update into the next global arrays (default: FedAvg's step).
     **kwargs
         Passed to ``FedAvg`` (fractions, minimum nodes).
 
@@ -125,6 +130,7 @@ class TransferFedAvg(FedAvg):
         dp: str = "none",
         dp_clip: float = 1.0,
         privacy: PrivacyBudget | None = None,
+        server_optimizer: ServerOptimizer | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -144,6 +150,7 @@ class TransferFedAvg(FedAvg):
         if dp != "none" and privacy is None:
             raise ValueError(f"dp={dp!r} needs a PrivacyBudget")
         self.privacy = privacy if dp != "none" else None
+        self.server_optimizer = server_optimizer or ServerOptimizer()
         # Noise must be unpredictable: from the OS, never from the run's seed.
         self._noise_rng = np.random.default_rng()
         self.global_arrays = ArrayRecord()
@@ -365,15 +372,18 @@ class TransferFedAvg(FedAvg):
                 if capped:
                     self._round["capped_claims"] = capped
             combined = aggregation.combine(updates, weights, self.aggregation, self.trim_fraction)
-        averaged = {
-            key: Array((ref + delta).astype(expected.dtype))
-            for (key, expected), ref, delta in zip(
-                self.wire.sent.items(), reference, combined, strict=True
-            )
-        }
+        keys = list(self.wire.sent.keys())
+        stepped = self.server_optimizer.step(
+            server_round,
+            dict(zip(keys, reference, strict=True)),
+            dict(zip(keys, combined, strict=True)),
+        )
         # Arrays that did not travel stay the very same objects (bases share them).
         new_global = ArrayRecord(
-            {key: averaged.get(key, array) for key, array in self.global_arrays.items()}
+            {
+                key: Array(stepped[key].astype(array.dtype)) if key in stepped else array
+                for key, array in self.global_arrays.items()
+            }
         )
         train_metrics = self.train_metrics_aggr_fn(metric_records, self.weighted_by_key)
         self._round["model_updated"] = True
@@ -416,7 +426,7 @@ class TransferFedAvg(FedAvg):
     ) -> MetricRecord | None:
         """Average the valid evaluation replies' metrics by ``num-examples``."""
         server_round += self.rounds_done
-        valid: list[RecordDict] = []
+        checked: list[MetricRecord] = []
         for node, msg in self._replies_by_node(server_round, replies, "eval_missing_replies"):
             self.wire.confirm(msg, node)
             metrics = _only_metrics(msg)
@@ -431,10 +441,16 @@ class TransferFedAvg(FedAvg):
                     metrics,
                 )
                 continue
-            valid.append(
-                RecordDict({"metrics": _trimmed(metrics, EVAL_METRICS, self.weighted_by_key)})
-            )
-        self._round["eval_replies"] = len(valid)
+            checked.append(metrics)
+        self._round["eval_replies"] = len(checked)
+        # Personalised numbers count only if every valid reply has them, finite.
+        personal = all(
+            isinstance(m.get(k), float | int) and math.isfinite(m[k])
+            for m in checked
+            for k in PERSONAL_METRICS
+        )
+        keys = EVAL_METRICS + PERSONAL_METRICS if personal else EVAL_METRICS
+        valid = [RecordDict({"metrics": _trimmed(m, keys, self.weighted_by_key)}) for m in checked]
         if not valid:
             return None
         eval_metrics = self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key)
@@ -505,7 +521,13 @@ class TransferFedAvg(FedAvg):
             record.update({f"server_{k}": float(v) for k, v in server_metrics.items()})
         self._round = {}
         state = {"privacy": self.privacy.state()} if self.privacy is not None else {}
-        self.folder.record(record, arrays, (self.wire.held(), self.wire.bases), state)
+        self.folder.record(
+            record,
+            arrays,
+            (self.wire.held(), self.wire.bases),
+            state,
+            self.server_optimizer.state(),
+        )
 
 
 def _trimmed(metrics: MetricRecord, keys: Iterable[str], weight_key: str) -> MetricRecord:

@@ -170,6 +170,26 @@ def test_evaluate_replies_are_validated(tmp_path, flwr_warnings):
     assert nodes == [3, 4]
 
 
+def test_personalised_accuracy_is_averaged_when_every_node_reports_it(tmp_path):
+    def reply(node, personal, **metrics):
+        if personal is not None:
+            metrics |= {"personalized_loss": 0.5, "personalized_accuracy": personal}
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), metadata=_metadata(node))
+
+    base = {"eval_loss": 1.0, "eval_accuracy": 0.5}
+    both = [
+        reply(1, 0.9, **{"num-examples": 10}, **base),
+        reply(2, 0.7, **{"num-examples": 30}, **base),
+    ]
+    metrics = _strategy(tmp_path).aggregate_evaluate(1, both)
+    assert dict(metrics) == pytest.approx(
+        {**base, "personalized_loss": 0.5, "personalized_accuracy": 0.75}
+    )
+    # A node without them (another version, or personalize-epochs unset there): none at all.
+    mixed = [both[0], reply(2, None, **{"num-examples": 30}, **base)]
+    assert dict(_strategy(tmp_path).aggregate_evaluate(1, mixed)) == pytest.approx(base)
+
+
 def test_schedule_switches_phase_and_learning_rate():
     schedule = TransferSchedule(
         head_rounds=2, learning_rate=1e-3, fine_tune_learning_rate=1e-5, fine_tune_layers=32
