@@ -6,12 +6,16 @@ rebuild would retrace the training step, ~21 s for a full ResNet50. Nodes
 train only what lies after the frozen part of the model, on its cached output
 (``fl_app.model.features``): the head on pooled features in the head phase, conv5
 and the head on conv4's output when fine-tuning the conv5 block. Both are exact.
+Under ``strategy=fedprox`` training adds the proximal term (`fl_app.model.proximal`);
+with ``personalize-epochs`` evaluation also scores a copy of the head fine-tuned on
+the node's own training split.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import weakref
 from logging import INFO
 from pathlib import Path
 
@@ -33,12 +37,14 @@ from fl_app.model.classifier import (
     feature_extractor,
     is_head_variable,
     load_arrayrecord,
+    pooling_part,
     reset_optimizer,
     set_phase,
     split_at,
     with_augmentation,
 )
 from fl_app.model.features import FeatureCache, feature_key, frozen_digest
+from fl_app.model.proximal import Proximal
 from fl_app.privacy import dp_clip_mod
 from fl_app.schedule import HEAD
 from fl_app.wire.compression import compression_mod
@@ -106,6 +112,52 @@ def _head(backbone: str, num_classes: int) -> keras.Model:
     head = build_head(num_classes, BACKBONES[backbone].features)
     compile_model(head, 1e-3)  # always fully trainable: compiled once
     return head
+
+
+@functools.cache
+def _personal_head(backbone: str, num_classes: int) -> keras.Model:
+    # Its own variables: personalising must leave the global head, which evaluation
+    # and the next round's training reuse, as it came.
+    head = build_head(num_classes, BACKBONES[backbone].features)
+    compile_model(head, 1e-3)
+    return head
+
+
+@functools.cache
+def _pooling(shape: Shape) -> keras.Model:
+    """Cut activations to pooled features: conv5 and pooling under the loaded weights."""
+    return pooling_part(_split(shape)[1])
+
+
+@functools.cache
+def _proximal(model: keras.Model, trainable: tuple[str, ...]) -> Proximal:
+    # Keyed by what trains too: the term covers the variables trainable at wrapping.
+    del trainable
+    return Proximal(model)
+
+
+# The trainable variables each model was last compiled for. The models share the
+# backbone's layers, so a phase change that one of them saw (set_phase) leaves the
+# others' compiled train step updating the old set.
+_compiled_for: weakref.WeakKeyDictionary[keras.Model, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def _trainable_paths(model: keras.Model) -> tuple[str, ...]:
+    return tuple(variable.path for variable in model.trainable_variables)
+
+
+def _compiled(model: keras.Model, learning_rate: float) -> keras.Model:
+    """``model``, compiled for the variables that train now (compiling retraces: only then)."""
+    trainable = _trainable_paths(model)
+    if not model.compiled or _compiled_for.get(model) != trainable:
+        compile_model(model, learning_rate)
+        _compiled_for[model] = trainable
+    return model
+
+
+def proximal_mu(config: RunConfig) -> float:
+    """FedProx's μ for this run: ``proximal-mu`` under ``strategy=fedprox``, else 0 (off)."""
+    return config.proximal_mu if config.strategy == "fedprox" else 0.0
 
 
 def _boundaries(backbone: str) -> tuple[str, ...]:
@@ -327,9 +379,18 @@ def train_reply(
 
 
 def evaluate_reply(
-    msg: Message, num_examples: int, loss: float, accuracy: float, skipped: int = 0
+    msg: Message,
+    num_examples: int,
+    loss: float,
+    accuracy: float,
+    skipped: int = 0,
+    personalized: tuple[float, float] | None = None,
 ) -> Message:
-    """The reply to an evaluate message: the metrics the strategy checks."""
+    """The reply to an evaluate message: the metrics the strategy checks.
+
+    ``personalized`` is the ``(loss, accuracy)`` of the node's personalised head on
+    the same examples, when it made one (``personalize-epochs``).
+    """
     metrics = MetricRecord(
         {
             "num-examples": num_examples,
@@ -338,7 +399,81 @@ def evaluate_reply(
             "skipped_images": skipped,
         }
     )
+    if personalized is not None:
+        metrics["personalized_loss"] = float(personalized[0])
+        metrics["personalized_accuracy"] = float(personalized[1])
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _pooled_features(
+    msg: Message,
+    arrays: ArrayRecord,
+    split: Split,
+    shape: Shape,
+    config: RunConfig,
+    cache: FeatureCache | None,
+) -> np.ndarray:
+    """The head's inputs for ``split`` under the received weights (NaN rows: unreadable).
+
+    From the cache when training left them there (pooled features in the head phase,
+    conv4's output while fine-tuning conv5), else from the images. Nothing is stored:
+    in head rounds training stored them already, and in fine-tune rounds they depend
+    on conv5, which the next round changes, so storing would only evict useful entries.
+    """
+    for boundary in _boundaries(config.backbone) if cache is not None else ():
+        activations = _activations(
+            msg, arrays, split, shape, config, cache, boundary, compute=False
+        )
+        if activations is None:
+            continue
+        if boundary == POOLED:
+            return activations
+        _global_model(arrays, shape)
+        ok = readable(activations)
+        pooled = np.full((len(split), BACKBONES[config.backbone].features), np.nan, np.float32)
+        if ok.any():
+            pooled[ok] = _pooling(shape).predict(
+                activations[ok], batch_size=config.batch_size, verbose=0
+            )
+        return pooled
+    _global_model(arrays, shape)
+    return predict_rows(_extractor(shape), split, config.batch_size)
+
+
+def personalize(
+    msg: Message,
+    arrays: ArrayRecord,
+    data: NodeData,
+    shape: Shape,
+    config: RunConfig,
+    cache: FeatureCache | None,
+    seed: int,
+) -> tuple[float, float] | None:
+    """Fine-tune a copy of the global head on the train split; score it on the val split.
+
+    Trains for ``personalize-epochs`` at the run's head ``learning-rate`` on pooled
+    features, and leaves the global model and the cache as they were.
+
+    Returns
+    -------
+    tuple of float or None
+        ``(loss, accuracy)`` on the readable validation examples; ``None`` when the
+        node has no readable training example.
+    """
+    train = _cached_split(
+        _pooled_features(msg, arrays, data.train, shape, config, cache), data.train
+    )
+    val = _cached_split(_pooled_features(msg, arrays, data.val, shape, config, cache), data.val)
+    if not len(train) or not len(val):
+        log(INFO, "personalize-epochs: no readable training example, nothing to personalise")
+        return None
+    head = _load(_personal_head(config.backbone, shape[3]), arrays)
+    reset_optimizer(head, config.learning_rate)
+    keras.utils.set_random_seed(seed)
+    batches = Batches(train, config.batch_size, shuffle_seed=seed)
+    head.fit(batches, epochs=config.personalize_epochs, verbose=0)
+    loss, accuracy = head.evaluate(Batches(val, config.batch_size), verbose=0)
+    return float(loss), float(accuracy)
 
 
 @app.train()
@@ -377,16 +512,21 @@ def train(msg: Message, context: Context) -> Message:
         if config.augmentation != "none":
             model = _augmented(shape, config.augmentation)
     # The backbone's layers are shared by every model but the lone head.
-    shares_backbone = boundary != POOLED
-    changed = shares_backbone and set_phase(_model(shape), phase, config.fine_tune_layers)
-    # set_phase changed which layers train: the model that trains needs compiling.
-    if changed or not model.compiled:
-        compile_model(model, learning_rate)
-    reset_optimizer(model, learning_rate)
+    if boundary != POOLED:
+        set_phase(_model(shape), phase, config.fine_tune_layers)
+    trainer = model
+    mu = proximal_mu(config)
+    if mu > 0:
+        # Off at μ = 0: training is then exactly FedAvg's, with no extra model to trace.
+        trainer = _proximal(model, _trainable_paths(model))
+    _compiled(trainer, learning_rate)
+    reset_optimizer(trainer, learning_rate)
+    if isinstance(trainer, Proximal):
+        trainer.anchor(mu)  # w_global: the weights as received this round
     keras.utils.set_random_seed(seed)
     start = time.perf_counter()
     batches = Batches(inputs, config.batch_size, shuffle_seed=seed)
-    history = model.fit(batches, epochs=config.local_epochs, verbose=0)
+    history = trainer.fit(batches, epochs=config.local_epochs, verbose=0)
     train_time = time.perf_counter() - start
     # Reply with the keys that came; only those the model trained can have changed.
     trained = {variable.path: variable for variable in model.weights}
@@ -404,10 +544,16 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on the local validation split."""
+    """Evaluate the received global model on the local validation split.
+
+    With ``personalize-epochs`` > 0 the reply also has ``personalized_loss`` and
+    ``personalized_accuracy``: those of a copy of the head fine-tuned on the local
+    training split (`personalize`).
+    """
     config = run_config(context)
     names = classes(msg)
-    data = node_data(context, config, names).val
+    node = node_data(context, config, names)
+    data = node.val
     if not len(data):
         raise ValueError("this node has no validation examples")
     arrays = _received_model(msg, context)
@@ -428,4 +574,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         compile_model(model, 0.0)
     loss, accuracy = model.evaluate(Batches(inputs, config.batch_size), verbose=0)
     skipped = _skipped(data, inputs)
-    return evaluate_reply(msg, len(data) - skipped, loss, accuracy, skipped)
+    personalized = None
+    if config.personalize_epochs > 0:
+        seed = round_seed(config, context, int(msg.content["config"]["server-round"]))
+        personalized = personalize(msg, arrays, node, shape, config, cache, seed)
+    return evaluate_reply(msg, len(data) - skipped, loss, accuracy, skipped, personalized)

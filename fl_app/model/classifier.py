@@ -173,6 +173,22 @@ def split_at(model: keras.Model, cut: Cut) -> tuple[keras.Model, keras.Model]:
     return front, keras.Model(inputs, x, name=f"fl_app_after_{cut.layer}")
 
 
+def pooling_part(back: keras.Model) -> keras.Model:
+    """The ``back`` model of `split_at` up to the pooled features (sharing its weights).
+
+    Maps cut activations to what the head takes, as `feature_extractor` maps images.
+    """
+    # The shared layers are called anew: a layer's ``output`` names its first call,
+    # which is in the full model's graph, not in ``back``'s.
+    inputs = keras.Input(shape=back.input.shape[1:], name=back.input.name)
+    x = inputs
+    for layer in back.layers[1:]:
+        if layer.name in HEAD_LAYERS:
+            break
+        x = layer(x)
+    return keras.Model(inputs, x, name=f"{back.name}_pooled")
+
+
 def with_augmentation(model: keras.Model, augmentation: str) -> keras.Model:
     """``model`` behind random augmentation that acts in training only (shared weights).
 
