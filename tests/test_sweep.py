@@ -135,6 +135,7 @@ def test_summary_csv_has_one_row_per_job_in_numeric_order(sweep: Path) -> None:
         "bytes_sent",
         "bytes_received",
         "final_epsilon",
+        "final_personalized_accuracy",
     ]
 
 
@@ -153,6 +154,7 @@ def test_summary_csv_values(sweep: Path) -> None:
         "bytes_sent": str(1000 + 2000 + 3000),
         "bytes_received": str(100 + 200 + 300),
         "final_epsilon": "",
+        "final_personalized_accuracy": "",
     }
     # Failed before writing metrics.json: status and wall time only.
     assert rows[1] == {
@@ -167,6 +169,7 @@ def test_summary_csv_values(sweep: Path) -> None:
         "bytes_sent": "",
         "bytes_received": "",
         "final_epsilon": "",
+        "final_personalized_accuracy": "",
     }
     # No status.json: the status comes from metrics.json.
     assert rows[2] == {
@@ -181,6 +184,7 @@ def test_summary_csv_values(sweep: Path) -> None:
         "bytes_sent": "1000",
         "bytes_received": "100",
         "final_epsilon": "",
+        "final_personalized_accuracy": "",
     }
     # Rounds but no server accuracy anywhere; null wall time.
     assert rows[3] == {
@@ -195,6 +199,7 @@ def test_summary_csv_values(sweep: Path) -> None:
         "bytes_sent": "3000",
         "bytes_received": "300",
         "final_epsilon": "",
+        "final_personalized_accuracy": "",
     }
     assert rows[10]["overrides"] == "seed=10"
     assert float(rows[10]["final_server_accuracy"]) == pytest.approx(0.3)
@@ -333,3 +338,23 @@ def test_a_dp_sweep_reports_the_epsilon_each_job_spent(tmp_path: Path) -> None:
     table = markdown_table(rows).splitlines()
     assert table[0] == "| job | overrides | status | final | best | wall time | ε |"
     assert table[3].endswith("| 4.00 |")
+
+
+def test_a_personalising_sweep_reports_the_last_rounds_personalized_accuracy(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "personal-sweep"
+    for job, epochs in enumerate((0, 5)):
+        metrics = metrics_file("completed", [0.3, 0.35, 0.4])
+        for n, record in enumerate(metrics["rounds"][1:], start=1):
+            if epochs:
+                record |= {"personalized_accuracy": 0.5 + n / 10, "personalized_loss": 1.0}
+        write_job(root, job, [f"personalize_epochs={epochs}"], metrics)
+
+    jobs = read_sweep(root)
+    assert [job.final_personalized_accuracy for job in jobs] == [None, 0.8]
+    rows = read_rows(summarize_sweep(root)[0])
+    assert [row["final_personalized_accuracy"] for row in rows] == ["", "0.8"]
+    table = markdown_table(rows).splitlines()
+    assert table[0] == "| job | overrides | status | final | best | wall time | personalised |"
+    assert table[2].endswith("|  |") and table[3].endswith("| 0.8000 |")

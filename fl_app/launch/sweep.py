@@ -37,6 +37,7 @@ COLUMNS = (
     "bytes_sent",
     "bytes_received",
     "final_epsilon",
+    "final_personalized_accuracy",
 )
 SUMMARY_CSV = "summary.csv"
 ACCURACY_PNG = "accuracy.png"
@@ -58,6 +59,8 @@ class JobSummary:
     bytes_received: int | None
     # ε spent by the last round of a run with client-level DP.
     final_epsilon: float | None = None
+    # The nodes' personalised heads' accuracy in the last round (personalize-epochs).
+    final_personalized_accuracy: float | None = None
     # (round, server_accuracy) pairs in round order, round 0 included.
     accuracy: tuple[tuple[int, float], ...] = ()
 
@@ -150,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         description=(
             "Summarise a Hydra multirun sweep of fl_app: writes <sweep_dir>/summary.csv "
             "(one row per job: overrides, status, rounds, final and best server accuracy, "
-            "wall time, bytes sent/received, final DP epsilon) and <sweep_dir>/accuracy.png "
-            "(server accuracy per round, one line per job), then prints a markdown table of the "
-            "jobs."
+            "wall time, bytes sent/received, final DP epsilon, final personalised accuracy) "
+            "and <sweep_dir>/accuracy.png (server accuracy per round, one line per job), then "
+            "prints a markdown table of the jobs."
         ),
     )
     parser.add_argument("sweep_dir", help="the sweep folder, e.g. multirun/2026-11-25/12-00-00")
@@ -182,12 +185,15 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     Returns
     -------
     str
-        Columns job, overrides, status, final, best (with its round) and wall time, and
-        ε when a job ran with client-level DP.
+        Columns job, overrides, status, final, best (with its round) and wall time, ε when
+        a job ran with client-level DP, and the final personalised accuracy when a job
+        personalised.
     """
     with_epsilon = any(row.get("final_epsilon") for row in rows)
+    with_personal = any(row.get("final_personalized_accuracy") for row in rows)
     header = ["job", "overrides", "status", "final", "best", "wall time"]
     header += ["ε"] if with_epsilon else []
+    header += ["personalised"] if with_personal else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         best = _fixed(row["best_server_accuracy"], 4)
@@ -204,6 +210,8 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
         )
         if with_epsilon:
             cells += (_fixed(row["final_epsilon"], 2),)
+        if with_personal:
+            cells += (_fixed(row.get("final_personalized_accuracy", ""), 4),)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -240,6 +248,9 @@ def _read_job(job_dir: Path) -> JobSummary:
     best = max(accuracy, key=lambda pair: pair[1]) if accuracy else None
     wall_time = status.get("wall_time")
     epsilons = [r["dp_epsilon"] for r in rounds if _is_number(r.get("dp_epsilon"))]
+    personal = [
+        r["personalized_accuracy"] for r in rounds if _is_number(r.get("personalized_accuracy"))
+    ]
     return JobSummary(
         job=int(job_dir.name),
         overrides=tuple(str(o) for o in overrides) if isinstance(overrides, list) else (),
@@ -252,6 +263,7 @@ def _read_job(job_dir: Path) -> JobSummary:
         bytes_sent=_sum_bytes(rounds, "bytes_sent"),
         bytes_received=_sum_bytes(rounds, "bytes_received"),
         final_epsilon=epsilons[-1] if epsilons else None,
+        final_personalized_accuracy=float(personal[-1]) if personal else None,
         accuracy=accuracy,
     )
 
