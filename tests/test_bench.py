@@ -27,6 +27,8 @@ ROWS = [
 ]
 
 
+# 2.5 minutes of two real simulations: outside make test (CI), in make test-faults.
+@pytest.mark.slow
 def test_smallest_bench_prints_and_writes_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.Popen(

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -101,30 +102,51 @@ def test_single_simulation_run_writes_into_the_hydra_folder(tmp_path):
     assert left_behind(tmp_path / "tmp") == set()
 
 
+def moments(run_dir: Path) -> list[str]:
+    """The kinds of server-optimiser moments in a run folder's checkpoint (none: [])."""
+    files = list(run_dir.glob("state-r*.npz"))
+    if not files:
+        return []
+    with np.load(files[0]) as state:
+        return sorted({str(key).split("/")[0] for key in state["keys"]})
+
+
 @pytest.mark.e2e
 def test_multirun_runs_every_job_and_summarises_the_sweep(tmp_path):
+    # One job per strategy family through Hydra's strategy= group: a server optimiser with
+    # momentum, an adaptive one, and FedProx on the nodes; on Dirichlet partitions, with
+    # personalised evaluation.
     sweep = tmp_path / "sweep"
     done = launch(
         tmp_path,
         "-m",
         *TINY,
         "num_server_rounds=1",
-        "partitioner=iid,dirichlet",
+        "partitioner=dirichlet",
+        "personalize_epochs=1",
+        "strategy=fedavgm,fedadam,fedprox",
         f"hydra.sweep.dir={sweep}",
     )
 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert [r["overrides"].split()[-1] for r in rows] == [
-        "partitioner=iid",
-        "partitioner=dirichlet",
+        "strategy=fedavgm",
+        "strategy=fedadam",
+        "strategy=fedprox",
     ]
     for row in rows:
         assert row["status"] == "completed" and row["rounds"] == "1"
         assert 0 <= float(row["final_server_accuracy"]) <= 1
+        assert 0 <= float(row["final_personalized_accuracy"]) <= 1
         assert float(row["bytes_sent"]) > 0 and float(row["wall_time_s"]) > 0
     png = (sweep / "accuracy.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+    # Each job's server logged its rule, and kept the moments it has in its checkpoint.
+    for job, rule in enumerate(("fedavgm", "fedadam", "fedprox")):
+        assert f"Strategy {rule}" in (sweep / str(job) / "flower.log").read_text()
+    assert "proximal mu 0.01 on the nodes" in (sweep / "2" / "flower.log").read_text()
+    assert [moments(sweep / str(job)) for job in range(3)] == [["first"], ["first", "second"], []]
     assert left_behind(tmp_path / "tmp") == set()
 
 
