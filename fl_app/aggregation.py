@@ -14,6 +14,7 @@ median, before any rule sees it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
@@ -64,3 +65,32 @@ def combine(
         for acc, array in zip(combined, update, strict=True):
             acc += (weight / total) * array
     return combined
+
+
+@dataclass(frozen=True)
+class Combiner:
+    """A run's way of combining updates: its rule, trim, norm screen and cap on claims.
+
+    The defaults are FedAvg's plain weighted mean, with neither screen nor cap.
+    """
+
+    rule: str = "mean"
+    trim_fraction: float = 0.2
+    max_update_norm_ratio: float = 0.0
+    max_examples_ratio: float = 0.0
+
+    def outliers(self, norms: Sequence[float]) -> list[bool]:
+        """Which updates the norm screen rejects, by their norms."""
+        return norm_outliers(norms, self.max_update_norm_ratio)
+
+    def combine(self, updates: Sequence[Update], claims: Sequence[float]) -> tuple[Update, int]:
+        """The combined update, and how many claims of ``num-examples`` were capped.
+
+        ``claims`` weigh the ``mean`` only, each capped at ``max_examples_ratio``
+        times their median.
+        """
+        if self.rule != "mean":
+            return combine(updates, claims, self.rule, self.trim_fraction), 0
+        weights = capped_weights(claims, self.max_examples_ratio)
+        capped = sum(weight < claim for weight, claim in zip(weights, claims, strict=True))
+        return combine(updates, weights, self.rule), capped

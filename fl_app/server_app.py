@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fl_app.aggregation import Combiner
 from fl_app.config import DATASETS, RunConfig
 from fl_app.data import CLASSES_KEY, load_test_set, model_image_shape, run_classes
 from fl_app.data.batches import Batches
@@ -292,10 +293,12 @@ def main(grid: Grid, context: Context) -> None:
         rounds_done=done,
         resumed=checkpoint is not None,
         seed=config.seed,
-        aggregation=config.aggregation,
-        trim_fraction=config.trim_fraction,
-        max_update_norm_ratio=config.max_update_norm_ratio,
-        max_examples_ratio=config.max_examples_ratio,
+        combiner=Combiner(
+            config.aggregation,
+            config.trim_fraction,
+            config.max_update_norm_ratio,
+            config.max_examples_ratio,
+        ),
         dp=config.dp,
         dp_clip=config.dp_clip,
         privacy=privacy,

@@ -90,16 +90,11 @@ class TransferFedAvg(FedAvg):
     seed : int
         Seeds each round's node sampling, so that a resumed run samples as the
         uninterrupted one would (given the same node ids).
-    aggregation : str
-        ``mean``, ``trimmed-mean`` or ``median`` (`fl_app.aggregation.combine`).
-    trim_fraction : float
-        Share cut from each end by ``trimmed-mean``.
-    max_update_norm_ratio : float
-        Reject updates whose norm exceeds this multiple of the round's median (0: off;
-        not applied with ``dp``, whose clipping bounds every update and whose analysis
-        would not cover a rejection that depends on the other nodes).
-    max_examples_ratio : float
-        Cap on a reply's weight, as a multiple of the round's median claim (0: none).
+    combiner : Combiner, optional
+        How the validated updates combine: the rule, the norm screen, the cap on
+        claimed examples (default: the plain weighted mean). Without ``dp`` only:
+        clipping bounds every update, and the privacy analysis would not cover a
+        rejection that depends on the other nodes.
     dp : str
         ``none``, or where updates are clipped for client-level DP: ``server`` or
         ``client`` (the server clips again, so the bound holds whatever a node sends).
@@ -123,10 +118,7 @@ class TransferFedAvg(FedAvg):
         rounds_done: int = 0,
         resumed: bool = False,
         seed: int = 0,
-        aggregation: str = "mean",
-        trim_fraction: float = 0.2,
-        max_update_norm_ratio: float = 0.0,
-        max_examples_ratio: float = 0.0,
+        combiner: aggregation.Combiner | None = None,
         dp: str = "none",
         dp_clip: float = 1.0,
         privacy: PrivacyBudget | None = None,
@@ -141,10 +133,7 @@ class TransferFedAvg(FedAvg):
         self.rounds_done = rounds_done
         self.resumed = resumed
         self.seed = seed
-        self.aggregation = aggregation
-        self.trim_fraction = trim_fraction
-        self.max_update_norm_ratio = max_update_norm_ratio
-        self.max_examples_ratio = max_examples_ratio
+        self.combiner = combiner or aggregation.Combiner()
         self.dp = dp
         self.dp_clip = dp_clip
         if dp != "none" and privacy is None:
@@ -333,8 +322,8 @@ class TransferFedAvg(FedAvg):
         if norms:
             self._round["update_norm_median"] = float(np.median(norms))
         if self.dp == "none":
-            outliers = aggregation.norm_outliers(norms, self.max_update_norm_ratio)
-            limit = self.max_update_norm_ratio * self._round.get("update_norm_median", 0.0)
+            outliers = self.combiner.outliers(norms)
+            limit = self.combiner.max_update_norm_ratio * self._round.get("update_norm_median", 0)
             for node, norm, outlier in zip(nodes, norms, outliers, strict=True):
                 if outlier:
                     reject(
@@ -362,16 +351,10 @@ class TransferFedAvg(FedAvg):
         if self.privacy is not None:
             combined = self._private_mean(updates, sampled)
         else:
-            weights = [float(r["metrics"][self.weighted_by_key]) for r in metric_records]
-            if self.aggregation == "mean":
-                claims, weights = (
-                    weights,
-                    aggregation.capped_weights(weights, self.max_examples_ratio),
-                )
-                capped = sum(w < c for w, c in zip(weights, claims, strict=True))
-                if capped:
-                    self._round["capped_claims"] = capped
-            combined = aggregation.combine(updates, weights, self.aggregation, self.trim_fraction)
+            claims = [float(r["metrics"][self.weighted_by_key]) for r in metric_records]
+            combined, capped = self.combiner.combine(updates, claims)
+            if capped:
+                self._round["capped_claims"] = capped
         keys = list(self.wire.sent.keys())
         stepped = self.server_optimizer.step(
             server_round,

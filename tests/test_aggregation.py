@@ -13,6 +13,7 @@ from conftest import strategy_in_round, train_reply
 from flwr.app import ArrayRecord, Message
 
 from fl_app import aggregation
+from fl_app.aggregation import Combiner
 from fl_app.strategy import TransferFedAvg
 
 SHAPES = {"dense/kernel": (16, 8), "dense/bias": (8,)}
@@ -60,10 +61,12 @@ def _replies(rng: np.random.Generator, sent: dict[str, np.ndarray]) -> list[Mess
     return replies
 
 
-def _round(tmp_path, **options) -> tuple[TransferFedAvg, dict[str, np.ndarray], ArrayRecord]:
+def _round(
+    tmp_path, combiner: Combiner
+) -> tuple[TransferFedAvg, dict[str, np.ndarray], ArrayRecord]:
     rng = np.random.default_rng(3)
     sent = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-    strategy = strategy_in_round(tmp_path, sent, range(1, CLAIMS + 1), **options)
+    strategy = strategy_in_round(tmp_path, sent, range(1, CLAIMS + 1), combiner=combiner)
     arrays, _ = strategy.aggregate_train(1, _replies(rng, sent))
     assert arrays is not None
     return strategy, sent, arrays
@@ -77,24 +80,24 @@ def _step(sent: dict[str, np.ndarray], arrays: ArrayRecord) -> float:
 
 
 def test_a_plain_mean_is_taken_over_by_the_bad_nodes(tmp_path):
-    _, sent, arrays = _round(tmp_path, max_examples_ratio=0)
+    _, sent, arrays = _round(tmp_path, Combiner())
     # The 10⁹ claim makes the global model that node's (step -0.1), not the honest +0.1.
     assert _step(sent, arrays) == pytest.approx(-0.1, abs=0.001)
 
 
 @pytest.mark.parametrize(
-    "options",
+    "combiner",
     [
-        {"aggregation": "median"},
-        {"aggregation": "trimmed-mean", "trim_fraction": 0.2},
-        {"max_update_norm_ratio": 5.0},  # with the default cap on claims
+        Combiner("median", max_examples_ratio=10),
+        Combiner("trimmed-mean", 0.2, max_examples_ratio=10),
+        Combiner(max_update_norm_ratio=5, max_examples_ratio=10),
     ],
     ids=["median", "trimmed-mean", "norm-screen"],
 )
-def test_robust_settings_keep_the_honest_step(tmp_path, flwr_warnings, options):
-    strategy, sent, arrays = _round(tmp_path, max_examples_ratio=10.0, **options)
+def test_robust_settings_keep_the_honest_step(tmp_path, flwr_warnings, combiner):
+    strategy, sent, arrays = _round(tmp_path, combiner)
     step = _step(sent, arrays)
-    if "max_update_norm_ratio" in options:
+    if combiner.max_update_norm_ratio:
         # The scaled node is rejected in one line naming it; the capped claim weighs as
         # much as ten median nodes (500 of 950), no more.
         lines = [r.getMessage() for r in flwr_warnings]

@@ -65,7 +65,6 @@ def test_each_rule_equals_flowers_strategy_for_two_rounds(tmp_path, rule):
             current,
             NODES,
             server_optimizer=optimizer,
-            max_examples_ratio=0,
         )
         got, _ = ours.aggregate_train(server_round, replies)
         for key in SHAPES:
