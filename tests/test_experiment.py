@@ -52,6 +52,21 @@ def left_behind(marker: Path, timeout: float = 30) -> set[int]:
     return alive
 
 
+@pytest.fixture(autouse=True)
+def nothing_left(tmp_path):
+    """After the test (and its own checks): stop what a failed launcher test left, by PID.
+
+    A test that fails before its launcher stopped kills the launcher, whose private
+    SuperLink would outlive it; the processes are found by the TMPDIR they inherited.
+    """
+    yield
+    found = []
+    for pid in started_under(tmp_path / "tmp"):
+        with contextlib.suppress(psutil.Error):
+            found.append(psutil.Process(pid))
+    processes.stop(found, timeout=10)
+
+
 def launcher_env(tmp_path: Path) -> dict[str, str]:
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
