@@ -299,7 +299,6 @@ def main(grid: Grid, context: Context) -> None:
             config.max_update_norm_ratio,
             config.max_examples_ratio,
         ),
-        dp=config.dp,
         dp_clip=config.dp_clip,
         privacy=privacy,
         server_optimizer=server_optimizer,

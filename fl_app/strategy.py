@@ -92,16 +92,16 @@ class TransferFedAvg(FedAvg):
         uninterrupted one would (given the same node ids).
     combiner : Combiner, optional
         How the validated updates combine: the rule, the norm screen, the cap on
-        claimed examples (default: the plain weighted mean). Without ``dp`` only:
+        claimed examples (default: the plain weighted mean). Without ``privacy`` only:
         clipping bounds every update, and the privacy analysis would not cover a
         rejection that depends on the other nodes.
-    dp : str
-        ``none``, or where updates are clipped for client-level DP: ``server`` or
-        ``client`` (the server clips again, so the bound holds whatever a node sends).
     dp_clip : float
-        The L2 bound of each update.
+        With ``privacy``: the L2 bound of each update. The server clips whether the
+        nodes did (``dp=client``) or not (``dp=server``), so the bound holds whatever
+        a node sends.
     privacy : PrivacyBudget, optional
-        The noise multiplier, δ, ε target and rounds released (with ``dp``).
+        Client-level DP: the noise multiplier, δ, ε target and rounds released.
+        Without it, no update is clipped or noised.
     server_optimizer : ServerOptimizer, optional
         Turns the combined update into the next global arrays (default: FedAvg's step).
     **kwargs
@@ -119,7 +119,6 @@ class TransferFedAvg(FedAvg):
         resumed: bool = False,
         seed: int = 0,
         combiner: aggregation.Combiner | None = None,
-        dp: str = "none",
         dp_clip: float = 1.0,
         privacy: PrivacyBudget | None = None,
         server_optimizer: ServerOptimizer | None = None,
@@ -134,11 +133,8 @@ class TransferFedAvg(FedAvg):
         self.resumed = resumed
         self.seed = seed
         self.combiner = combiner or aggregation.Combiner()
-        self.dp = dp
         self.dp_clip = dp_clip
-        if dp != "none" and privacy is None:
-            raise ValueError(f"dp={dp!r} needs a PrivacyBudget")
-        self.privacy = privacy if dp != "none" else None
+        self.privacy = privacy
         self.server_optimizer = server_optimizer or ServerOptimizer()
         # Noise must be unpredictable: from the OS, never from the run's seed.
         self._noise_rng = np.random.default_rng()
@@ -321,7 +317,7 @@ class TransferFedAvg(FedAvg):
         norms = [aggregation.update_norm(update) for update in updates]
         if norms:
             self._round["update_norm_median"] = float(np.median(norms))
-        if self.dp == "none":
+        if self.privacy is None:
             outliers = self.combiner.outliers(norms)
             limit = self.combiner.max_update_norm_ratio * self._round.get("update_norm_median", 0)
             for node, norm, outlier in zip(nodes, norms, outliers, strict=True):

@@ -86,7 +86,6 @@ def _dp_strategy(tmp_path, noise_multiplier=1e-9, target=0.0, sampled=8, clip=1.
         tmp_path,
         sent,
         range(1, sampled + 1),
-        dp="server",
         dp_clip=clip,
         privacy=privacy.PrivacyBudget(noise_multiplier, 1e-5, target),
     )
