@@ -17,6 +17,7 @@ import typer
 
 from fl_app.deploy import DeploymentError
 from fl_app.deploy.commands import (
+    BIND_ALL,
     DEFAULT_FLEET_PORT,
     DEFAULT_SUPERLINK_PORT,
     DEFAULT_SUPERNODE_PORT,
@@ -28,6 +29,7 @@ from fl_app.deploy.commands import (
     check_superlink_inputs,
     check_supernode_inputs,
     fleet_gateway_command,
+    local_address,
     register_keys,
     superlink_command,
     supernode_command,
@@ -169,15 +171,15 @@ def superlink(
     found = check_superlink_inputs(Certificates.in_dir(certs))
     check_control_host(host, expose_control_api)
     check_superlink_host(found, host)
-    if fleet_port == port and fleet_host in (host, "0.0.0.0", "::"):
+    if fleet_port == port and fleet_host in (host, *BIND_ALL):
         raise DeploymentError(
             f"--fleet-port {fleet_port} is not allowed: expected another port than --port {port}"
         )
     cmd = superlink_command(found, port, host, database)
     control = f"{advertised_host(found, host)}:{port}"
     # The gateway reaches the SuperLink where its own SuperExec does (in its certificate).
-    upstream = control if host not in ("0.0.0.0", "::", "[::]") else f"127.0.0.1:{port}"
-    upstream = f"[::1]:{port}" if host in ("::", "[::]") else upstream
+    local = local_address(host)
+    upstream = f"[{local}]:{port}" if ":" in local else f"{local}:{port}"
     address = f"{advertised_host(found, fleet_host)}:{fleet_port}"
     names = ", ".join(certificate_hosts(found.server_cert))
     # Our child, in our process group: Ctrl-C reaches it too, and it exits once the

@@ -230,6 +230,15 @@ def check_control_host(host: str, expose_control_api: bool = False) -> None:
         )
 
 
+def local_address(host: str) -> str:
+    """Where processes on the SuperLink's machine reach a SuperLink listening on ``host``.
+
+    Loopback for an every-interface ``host`` (``0.0.0.0``: 127.0.0.1; ``::``: ::1),
+    else ``host`` itself.
+    """
+    return "127.0.0.1" if host in BIND_ALL[:1] else "::1" if host in BIND_ALL[1:] else host
+
+
 def check_superlink_host(certs: Certificates, host: str) -> None:
     """Check that the SuperLink's own SuperExec will trust its certificate.
 
@@ -241,7 +250,7 @@ def check_superlink_host(certs: Certificates, host: str) -> None:
     DeploymentError
         If it is not.
     """
-    local = "127.0.0.1" if host in BIND_ALL[:1] else "::1" if host in BIND_ALL[1:] else host
+    local = local_address(host)
     names = [n.lower() for n in certificate_hosts(certs.server_cert)]
     if local.lower() not in names:
         raise DeploymentError(
