@@ -39,6 +39,11 @@ COLUMNS = (
     "final_epsilon",
     "final_personalized_accuracy",
 )
+# Columns of the printed table that only some sweeps have: (CSV column, heading, digits).
+OPTIONAL_COLUMNS = (
+    ("final_epsilon", "ε", 2),
+    ("final_personalized_accuracy", "personalised", 4),
+)
 SUMMARY_CSV = "summary.csv"
 ACCURACY_PNG = "accuracy.png"
 
@@ -189,11 +194,9 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
         a job ran with client-level DP, and the final personalised accuracy when a job
         personalised.
     """
-    with_epsilon = any(row.get("final_epsilon") for row in rows)
-    with_personal = any(row.get("final_personalized_accuracy") for row in rows)
+    optional = [column for column in OPTIONAL_COLUMNS if any(row.get(column[0]) for row in rows)]
     header = ["job", "overrides", "status", "final", "best", "wall time"]
-    header += ["ε"] if with_epsilon else []
-    header += ["personalised"] if with_personal else []
+    header += [heading for _, heading, _ in optional]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         best = _fixed(row["best_server_accuracy"], 4)
@@ -208,10 +211,7 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
             best,
             f"{wall} s" if wall else "",
         )
-        if with_epsilon:
-            cells += (_fixed(row["final_epsilon"], 2),)
-        if with_personal:
-            cells += (_fixed(row.get("final_personalized_accuracy", ""), 4),)
+        cells += tuple(_fixed(row.get(name, ""), digits) for name, _, digits in optional)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -247,10 +247,6 @@ def _read_job(job_dir: Path) -> JobSummary:
     # max() keeps the first maximum: ties go to the earliest round, as the strategy's "best".
     best = max(accuracy, key=lambda pair: pair[1]) if accuracy else None
     wall_time = status.get("wall_time")
-    epsilons = [r["dp_epsilon"] for r in rounds if _is_number(r.get("dp_epsilon"))]
-    personal = [
-        r["personalized_accuracy"] for r in rounds if _is_number(r.get("personalized_accuracy"))
-    ]
     return JobSummary(
         job=int(job_dir.name),
         overrides=tuple(str(o) for o in overrides) if isinstance(overrides, list) else (),
@@ -262,8 +258,8 @@ def _read_job(job_dir: Path) -> JobSummary:
         wall_time_s=float(wall_time) if _is_number(wall_time) else None,
         bytes_sent=_sum_bytes(rounds, "bytes_sent"),
         bytes_received=_sum_bytes(rounds, "bytes_received"),
-        final_epsilon=epsilons[-1] if epsilons else None,
-        final_personalized_accuracy=float(personal[-1]) if personal else None,
+        final_epsilon=_last_number(rounds, "dp_epsilon"),
+        final_personalized_accuracy=_last_number(rounds, "personalized_accuracy"),
         accuracy=accuracy,
     )
 
@@ -287,6 +283,12 @@ def _is_int(value: Any) -> bool:
 def _is_number(value: Any) -> bool:
     # JSON from Python may hold NaN/Infinity; they are no accuracy or time to report.
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _last_number(rounds: list[dict[str, Any]], key: str) -> float | None:
+    """The last round's ``key``, among the rounds that have it as a number."""
+    values = [r[key] for r in rounds if _is_number(r.get(key))]
+    return float(values[-1]) if values else None
 
 
 def _sum_bytes(rounds: list[dict[str, Any]], key: str) -> int | None:
