@@ -1,1 +1,34 @@
 """Benchmarks and reports of fl_app; not part of the installed package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_launcher(name: str, overrides: list[str], job_dir: Path, keep_log: bool = False) -> float:
+    """Run one job of fl_app's Hydra launcher into ``job_dir``; its wall time in seconds.
+
+    A fresh process per job, as a user's would be. With ``keep_log`` its output
+    goes to ``job_dir/launcher.log``. Raises ``RuntimeError`` naming ``name`` when
+    the job fails.
+    """
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "fl_app.launch.experiment", *overrides, f"hydra.run.dir={job_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.perf_counter() - start
+    if keep_log:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "launcher.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return wall

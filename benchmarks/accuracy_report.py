@@ -21,14 +21,14 @@ Usage: fl-app bench accuracy [--out docs/accuracy] [--rounds 5] ...
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 # Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import REPO, run_launcher
 
 LITE0, RESNET50 = "efficientnet_lite0", "resnet50"
 
@@ -63,17 +63,7 @@ def common(args: argparse.Namespace) -> list[str]:
 
 def run_federated(name: str, overrides: list[str], job_dir: Path) -> dict:
     """One launcher run; its per-round server accuracy from the job's metrics.json."""
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "fl_app.launch.experiment", *overrides, f"hydra.run.dir={job_dir}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} failed ({done.returncode}): {done.stderr[-2000:]}")
+    wall = run_launcher(name, overrides, job_dir)
     metrics = json.loads((job_dir / "metrics.json").read_text())
     rounds = [r for r in metrics["rounds"] if r["round"] > 0]
     return {

@@ -33,15 +33,15 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
 # Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import REPO, run_launcher
 
 LITE0 = "efficientnet_lite0"
 CLEAN, CLIP_ONLY = "clean (dp=none)", "ε ≈ ∞ (clip only)"
@@ -184,19 +184,7 @@ def dp_overrides(clip: float, noise_multiplier: float, delta: float) -> list[str
 def run(name: str, overrides: list[str], job_dir: Path) -> dict[str, Any]:
     """One launcher run; its summary (`summarize`) and wall time."""
     print(f"running: {name}", flush=True)
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "fl_app.launch.experiment", *overrides, f"hydra.run.dir={job_dir}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    wall = time.perf_counter() - start
-    (job_dir / "launcher.log").parent.mkdir(parents=True, exist_ok=True)
-    (job_dir / "launcher.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} failed ({done.returncode}): {done.stderr[-2000:]}")
+    wall = run_launcher(name, overrides, job_dir, keep_log=True)
     summary = summarize(json.loads((job_dir / "metrics.json").read_text()))
     summary.update(overrides=overrides, wall_s=wall, job_dir=str(job_dir))
     print(f"  accuracy {summary['accuracy']}  ({wall:.0f} s)", flush=True)
