@@ -23,6 +23,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from fl_app.data.builtin import fashion_mnist_dirs
 from fl_app.launch.flower_cli import FlowerCLI
 from fl_app.launch.local_superlink import LocalSuperLink
 from fl_app.run_folder import RunFolder
@@ -101,6 +102,12 @@ def message_metadata(src: int, dst: int, message_type: str = MessageType.TRAIN) 
         ttl=60.0,
         message_type=message_type,
     )
+
+
+def require_fashion_mnist() -> None:
+    """Skip the test unless Fashion-MNIST's files are installed (nodes' data is cut from them)."""
+    if not any((d / "train-labels-idx1-ubyte.gz").is_file() for d in fashion_mnist_dirs()):
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
 def train_reply(node: int, arrays: dict[str, np.ndarray], num_examples: float) -> Message:

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FinishedRun, log_lines
+from conftest import FinishedRun, log_lines, require_fashion_mnist
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
 from fl_app.data import prepare_node_dirs
-from fl_app.data.builtin import fashion_mnist_dirs
 from fl_app.deploy import DeploymentError
 from fl_app.deploy.commands import start_superlink, start_supernode
 from fl_app.deploy.local_federation import LocalFederation, NodeProcess
@@ -292,8 +291,7 @@ def run_app(fed: LocalFederation, tmp: Path, overrides: dict[str, object]) -> Fi
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """A TLS SuperLink with node auth and 2 registered SuperNodes, each with its own data."""
-    if not any((d / "train-labels-idx1-ubyte.gz").is_file() for d in fashion_mnist_dirs()):
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    require_fashion_mnist()
     root = tmp_path_factory.mktemp("deployment")
     data_dirs = prepare_node_dirs(root / "data", 2, max_examples=64)
     fed = LocalFederation(root / "federation", 2, data_dirs=data_dirs, timeout=180)

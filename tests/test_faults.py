@@ -38,12 +38,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FinishedRun, log_lines
+from conftest import FinishedRun, log_lines, require_fashion_mnist
 from test_deployment import REPO, RUN_CONFIG, fl_app, one_error_line, recorded, run_app
 from test_processes import TREE
 
 from fl_app.data import prepare_node_dirs
-from fl_app.data.builtin import fashion_mnist_dirs
 from fl_app.deploy.local_federation import LocalFederation, NodeProcess
 from fl_app.launch import processes
 from fl_app.launch.flower_cli import RunStatus
@@ -175,8 +174,7 @@ def all_online(fed: LocalFederation) -> bool:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """A TLS SuperLink with node auth and a database, and 3 registered SuperNodes."""
-    if not any((d / "train-labels-idx1-ubyte.gz").is_file() for d in fashion_mnist_dirs()):
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    require_fashion_mnist()
     root = tmp_path_factory.mktemp("faults")
     data_dirs = prepare_node_dirs(root / "data", 3, max_examples=64)
     # `down` on leaving raises if any process it started is still running.

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import require_fashion_mnist
 
-from fl_app.data.builtin import fashion_mnist_dirs
 from fl_app.deploy.local_federation import LocalFederation
 from fl_app.launch import processes
 from fl_app.launch.flower_cli import FlowerCLI, FlowerCLIError, write_connection
@@ -258,8 +258,7 @@ MOMENTS = {
 @pytest.mark.e2e
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_ctrl_c_on_local_up_leaves_no_process_behind(moment, tmp_path):
-    if not any((d / "train-labels-idx1-ubyte.gz").is_file() for d in fashion_mnist_dirs()):
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    require_fashion_mnist()
     directory = tmp_path / "federation"
     cmd = ["local", "up", "--dir", directory, "--nodes", 1, "--max-examples", 32]
     up = psutil.Popen(
