@@ -45,6 +45,10 @@ BENCHMARKS = {
     "memory": ("measure_memory", "peak RSS of one training process per phase"),
     "data-memory": ("measure_data_memory", "peak RSS of a node by size of its image folder"),
     "dp": ("dp_table", "accuracy against epsilon of client-level DP, 20 nodes"),
+    "noniid": (
+        "noniid",
+        "FedAvg, FedProx, FedAdam, FedAvgM against label skew, full Fashion-MNIST",
+    ),
 }
 REPO = Path(__file__).resolve().parents[1]
 # What `main` reports as one `error:` line: our own failures (DeploymentError,
@@ -92,16 +96,24 @@ def summarize(
     sweep_dir: Annotated[
         Path, typer.Argument(help="the sweep folder, e.g. multirun/2026-11-25/12-00-00")
     ],
+    target_accuracy: Annotated[
+        str,
+        typer.Option(
+            help="also report the first round whose server accuracy reached this "
+            "(0 < a <= 1; 0: no target)"
+        ),
+    ] = "0",
 ) -> int:
     """Summarise a Hydra multirun sweep: SWEEP_DIR/summary.csv and accuracy.png.
 
     summary.csv has one row per job (overrides, status, rounds, final and best
-    server accuracy, wall time, bytes sent/received); accuracy.png plots server
-    accuracy per round, one line per job. Prints both paths and a markdown table.
+    server accuracy, wall time, bytes sent/received, and the first round at
+    --target-accuracy); accuracy.png plots server accuracy per round, one line
+    per job. Prints both paths and a markdown table.
     """
     from fl_app.launch.sweep import main as summarize_main
 
-    return summarize_main([str(sweep_dir)])
+    return summarize_main([str(sweep_dir), "--target-accuracy", target_accuracy])
 
 
 # Where `fl-app predict` writes the predictions of a folder when --out is not given.

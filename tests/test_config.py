@@ -11,6 +11,7 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
+from benchmarks import noniid
 from fl_app.config import (
     HDF5_SIGNATURE,
     RunConfig,
@@ -23,11 +24,16 @@ from fl_app.config import (
 from fl_app.launch.experiment import CONF_DIR, check_config, precheck
 
 PYPROJECT = CONF_DIR.parent / "pyproject.toml"
-GROUPS = {
-    group.name: sorted(p.stem for p in group.glob("*.yaml"))
-    for group in CONF_DIR.iterdir()
-    if group.is_dir()
+# Every folder of conf/ with YAML files is a group; config.yaml's defaults list picks one
+# option of each of GROUPS, while PRESETS are added on the command line (`+group=option`).
+ALL_GROUPS = {
+    folder.relative_to(CONF_DIR).as_posix(): sorted(p.stem for p in folder.glob("*.yaml"))
+    for folder in CONF_DIR.rglob("*")
+    if folder.is_dir() and any(folder.glob("*.yaml"))
 }
+PRESET_NAMES = ("experiment", "noniid/split", "noniid/algorithm")
+GROUPS = {g: options for g, options in ALL_GROUPS.items() if g not in PRESET_NAMES}
+PRESETS = {g: options for g, options in ALL_GROUPS.items() if g in PRESET_NAMES}
 
 
 def compose(*overrides: str):
@@ -44,6 +50,43 @@ def test_groups_are_the_documented_ones():
         "strategy": ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox", "fedyogi"],
         "dp": ["client", "none", "server"],
     }
+    assert PRESETS == {
+        "experiment": ["noniid"],
+        "noniid/split": ["dirichlet_0.1", "dirichlet_0.5", "iid"],
+        "noniid/algorithm": ["fedadam", "fedavg", "fedavgm", "fedprox_mu0.01", "fedprox_mu1"],
+    }
+    # The benchmark's own list of what it sweeps is these options.
+    assert sorted(noniid.SPLITS) == PRESETS["noniid/split"]
+    assert sorted(noniid.ALGORITHMS) == PRESETS["noniid/algorithm"]
+
+
+@pytest.mark.parametrize(
+    "split,algorithm",
+    [(s, a) for s in PRESETS["noniid/split"] for a in PRESETS["noniid/algorithm"]],
+)
+def test_every_job_of_the_noniid_benchmark_composes(split, algorithm):
+    run_config = check_config(
+        compose("+experiment=noniid", f"+noniid/split={split}", f"+noniid/algorithm={algorithm}")
+    )
+    budget = {
+        "backbone": "efficientnet_lite0",
+        "weights": "imagenet",
+        "fine-tune-layers": 0,
+        "input-size": 64,
+        "max-examples-per-node": 0,
+        "max-test-examples": 0,
+        "min-available-nodes": 10,
+        "personalize-epochs": 1,
+    }
+    assert {key: run_config[key] for key in budget} == budget
+    partitioner, _, alpha = split.partition("_")
+    assert run_config["partitioner"] == partitioner
+    if alpha:
+        assert run_config["dirichlet-alpha"] == float(alpha)
+    strategy, _, mu = algorithm.partition("_mu")
+    assert run_config["strategy"] == strategy
+    if mu:
+        assert run_config["proximal-mu"] == float(mu)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])

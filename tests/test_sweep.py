@@ -136,6 +136,8 @@ def test_summary_csv_has_one_row_per_job_in_numeric_order(sweep: Path) -> None:
         "bytes_received",
         "final_epsilon",
         "final_personalized_accuracy",
+        "target_accuracy",
+        "target_round",
     ]
 
 
@@ -155,6 +157,8 @@ def test_summary_csv_values(sweep: Path) -> None:
         "bytes_received": str(100 + 200 + 300),
         "final_epsilon": "",
         "final_personalized_accuracy": "",
+        "target_accuracy": "",
+        "target_round": "",
     }
     # Failed before writing metrics.json: status and wall time only.
     assert rows[1] == {
@@ -170,6 +174,8 @@ def test_summary_csv_values(sweep: Path) -> None:
         "bytes_received": "",
         "final_epsilon": "",
         "final_personalized_accuracy": "",
+        "target_accuracy": "",
+        "target_round": "",
     }
     # No status.json: the status comes from metrics.json.
     assert rows[2] == {
@@ -185,6 +191,8 @@ def test_summary_csv_values(sweep: Path) -> None:
         "bytes_received": "100",
         "final_epsilon": "",
         "final_personalized_accuracy": "",
+        "target_accuracy": "",
+        "target_round": "",
     }
     # Rounds but no server accuracy anywhere; null wall time.
     assert rows[3] == {
@@ -200,6 +208,8 @@ def test_summary_csv_values(sweep: Path) -> None:
         "bytes_received": "300",
         "final_epsilon": "",
         "final_personalized_accuracy": "",
+        "target_accuracy": "",
+        "target_round": "",
     }
     assert rows[10]["overrides"] == "seed=10"
     assert float(rows[10]["final_server_accuracy"]) == pytest.approx(0.3)
@@ -358,3 +368,48 @@ def test_a_personalising_sweep_reports_the_last_rounds_personalized_accuracy(
     table = markdown_table(rows).splitlines()
     assert table[0] == "| job | overrides | status | final | best | wall time | personalised |"
     assert table[2].endswith("|  |") and table[3].endswith("| 0.8000 |")
+
+
+def test_a_target_accuracy_adds_the_first_round_that_reached_it(tmp_path: Path) -> None:
+    root = tmp_path / "target-sweep"
+    write_job(root, 0, ["strategy=fedavg"], metrics_file("completed", [0.7, 0.86, 0.84, 0.9]))
+    write_job(root, 1, ["strategy=fedadam"], metrics_file("completed", [0.5, 0.6]))
+    write_job(root, 2, ["strategy=fedprox"], None, status_file("failed", 3.0))
+
+    assert [job.first_round_reaching(0.85) for job in read_sweep(root)] == [2, None, None]
+    rows = read_rows(summarize_sweep(root, target_accuracy=0.85)[0])
+    assert [(row["target_accuracy"], row["target_round"]) for row in rows] == [
+        ("0.85", "2"),
+        ("0.85", ""),
+        ("0.85", ""),
+    ]
+    table = markdown_table(rows).splitlines()
+    assert table[0].endswith("| first round ≥ 0.85 |")
+    # Ran and never got there, against never ran.
+    assert [line.rsplit("|", 2)[1].strip() for line in table[2:]] == ["r2", "never", ""]
+
+
+def test_without_a_target_the_target_columns_stay_empty(sweep: Path) -> None:
+    rows = read_rows(summarize_sweep(sweep)[0])
+    assert {(row["target_accuracy"], row["target_round"]) for row in rows} == {("", "")}
+    assert "first round" not in markdown_table(rows)
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "most"])
+def test_cli_refuses_a_target_that_is_no_accuracy(sweep: Path, value: str) -> None:
+    done = run_script(str(sweep), "--target-accuracy", value)
+
+    assert done.returncode == 2
+    assert value in done.stderr.splitlines()[-1]
+    if value != "most":
+        assert "0 < a <= 1" in done.stderr.splitlines()[-1]
+
+
+def test_cli_target_accuracy(sweep: Path) -> None:
+    done = run_script(str(sweep), "--target-accuracy", "0.25")
+
+    assert done.returncode == 0, done.stderr
+    assert (
+        "| 0 | partitioner=iid strategy.fraction_train=0.5 | completed | 0.3500 | 0.4000 (r2) "
+        "| 81.2 s | r1 |" in done.stdout.splitlines()
+    )

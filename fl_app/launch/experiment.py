@@ -33,7 +33,7 @@ from fl_app.config import DATASETS, METRICS_FILE, NO_TEST_DATA, RunConfig, flowe
 from fl_app.config import fields as config_fields
 from fl_app.launch.flower_cli import FlowerCLI, FlowerCLIError, RunStatus, write_connection
 from fl_app.launch.local_superlink import LocalSuperLink
-from fl_app.launch.sweep import summarize_sweep
+from fl_app.launch.sweep import check_target_accuracy, summarize_sweep, summary_table
 
 APP_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = APP_DIR / "conf"
@@ -349,12 +349,20 @@ def _job(cfg: DictConfig) -> None:
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun, write ``summary.csv`` and ``accuracy.png``."""
+    """At the end of a multirun, write ``summary.csv`` and ``accuracy.png`` and log the table.
+
+    ``target_accuracy`` (``hydra.callbacks.sweep_summary.target_accuracy``), when > 0, adds
+    the first round each job's server accuracy reached it.
+    """
+
+    def __init__(self, target_accuracy: float = 0.0) -> None:
+        check_target_accuracy(target_accuracy)
+        self.target_accuracy = target_accuracy
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Summarise the sweep folder Hydra just filled."""
-        csv_path, png_path = summarize_sweep(Path(config.hydra.sweep.dir))
-        log.info("Sweep summary: %s, plot: %s", csv_path, png_path)
+        csv_path, png_path = summarize_sweep(Path(config.hydra.sweep.dir), self.target_accuracy)
+        log.info("Sweep summary: %s, plot: %s\n%s", csv_path, png_path, summary_table(csv_path))
 
 
 def main() -> None:

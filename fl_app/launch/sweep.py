@@ -39,11 +39,16 @@ COLUMNS = (
     "final_epsilon",
     "final_personalized_accuracy",
 )
+# Filled when a sweep is summarised with a target accuracy: it, and the first round there.
+TARGET_COLUMNS = ("target_accuracy", "target_round")
+COLUMNS += TARGET_COLUMNS
 # Columns of the printed table that only some sweeps have: (CSV column, heading, digits).
 OPTIONAL_COLUMNS = (
     ("final_epsilon", "ε", 2),
     ("final_personalized_accuracy", "personalised", 4),
 )
+# Printed for a sweep summarised with a target accuracy where a job never reached it.
+NEVER = "never"
 SUMMARY_CSV = "summary.csv"
 ACCURACY_PNG = "accuracy.png"
 
@@ -68,6 +73,10 @@ class JobSummary:
     final_personalized_accuracy: float | None = None
     # (round, server_accuracy) pairs in round order, round 0 included.
     accuracy: tuple[tuple[int, float], ...] = ()
+
+    def first_round_reaching(self, target: float) -> int | None:
+        """The first round whose server accuracy is at least ``target``, or ``None``."""
+        return next((r for r, accuracy in self.accuracy if accuracy >= target), None)
 
     @property
     def label(self) -> str:
@@ -111,13 +120,18 @@ def read_sweep(sweep_dir: str | os.PathLike[str]) -> list[JobSummary]:
     return [_read_job(p) for p in jobs]
 
 
-def summarize_sweep(sweep_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+def summarize_sweep(
+    sweep_dir: str | os.PathLike[str], target_accuracy: float = 0.0
+) -> tuple[Path, Path]:
     """Write ``summary.csv`` and ``accuracy.png`` into a Hydra multirun sweep folder.
 
     Parameters
     ----------
     sweep_dir
         A Hydra multirun folder, e.g. ``multirun/2026-11-25/12-00-00``.
+    target_accuracy
+        When > 0, columns ``target_accuracy`` and ``target_round`` say which round first
+        reached this server accuracy (empty: none did); 0 leaves both empty.
 
     Returns
     -------
@@ -135,7 +149,7 @@ def summarize_sweep(sweep_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     root = Path(sweep_dir)
     jobs = read_sweep(root)
     csv_path, png_path = root / SUMMARY_CSV, root / ACCURACY_PNG
-    _write_csv(jobs, csv_path)
+    _write_csv(jobs, csv_path, target_accuracy)
     _plot_accuracy(jobs, png_path, title=f"Server accuracy per round ({root.resolve().name})")
     return csv_path, png_path
 
@@ -158,25 +172,52 @@ def main(argv: list[str] | None = None) -> int:
         description=(
             "Summarise a Hydra multirun sweep of fl_app: writes <sweep_dir>/summary.csv "
             "(one row per job: overrides, status, rounds, final and best server accuracy, "
-            "wall time, bytes sent/received, final DP epsilon, final personalised accuracy) "
-            "and <sweep_dir>/accuracy.png (server accuracy per round, one line per job), then "
-            "prints a markdown table of the jobs."
+            "wall time, bytes sent/received, final DP epsilon, final personalised accuracy, "
+            "first round at the target accuracy) and <sweep_dir>/accuracy.png (server "
+            "accuracy per round, one line per job), then prints a markdown table of the jobs."
         ),
     )
     parser.add_argument("sweep_dir", help="the sweep folder, e.g. multirun/2026-11-25/12-00-00")
+    parser.add_argument(
+        "--target-accuracy",
+        type=_target_accuracy,
+        default=0.0,
+        help="also report the first round whose server accuracy reached this (0 < a <= 1; "
+        "0: no target)",
+    )
     args = parser.parse_args(argv)
     try:
-        csv_path, png_path = summarize_sweep(args.sweep_dir)
+        csv_path, png_path = summarize_sweep(args.sweep_dir, args.target_accuracy)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(csv_path)
     print(png_path)
     print()
-    # Print what the CSV holds, so the table and the file cannot disagree.
-    with csv_path.open(newline="") as f:
-        print(markdown_table(list(csv.DictReader(f))))
+    print(summary_table(csv_path))
     return 0
+
+
+def summary_table(csv_path: Path) -> str:
+    """The markdown table of a ``summary.csv``: what the file holds, so the two cannot disagree."""
+    with csv_path.open(newline="") as f:
+        return markdown_table(list(csv.DictReader(f)))
+
+
+def _target_accuracy(text: str) -> float:
+    try:
+        value = float(text)
+        check_target_accuracy(value)
+    except ValueError as err:
+        # argparse prints an ArgumentTypeError's own message, a ValueError's not.
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def check_target_accuracy(value: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is 0 (no target) or an accuracy in (0, 1]."""
+    if not 0 <= value <= 1:
+        raise ValueError(f"target accuracy {value} is not allowed: expected 0 (none) or 0 < a <= 1")
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
@@ -191,12 +232,15 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     -------
     str
         Columns job, overrides, status, final, best (with its round) and wall time, ε when
-        a job ran with client-level DP, and the final personalised accuracy when a job
-        personalised.
+        a job ran with client-level DP, the final personalised accuracy when a job
+        personalised, and the first round at the target accuracy when the summary had one.
     """
     optional = [column for column in OPTIONAL_COLUMNS if any(row.get(column[0]) for row in rows)]
     header = ["job", "overrides", "status", "final", "best", "wall time"]
     header += [heading for _, heading, _ in optional]
+    target = next((row["target_accuracy"] for row in rows if row.get("target_accuracy")), "")
+    if target:
+        header.append(f"first round ≥ {float(target):g}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         best = _fixed(row["best_server_accuracy"], 4)
@@ -212,6 +256,9 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
             f"{wall} s" if wall else "",
         )
         cells += tuple(_fixed(row.get(name, ""), digits) for name, _, digits in optional)
+        if target:
+            reached = row.get("target_round", "")
+            cells += (f"r{reached}" if reached else NEVER if row["rounds"] else "",)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -304,14 +351,17 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _write_csv(jobs: list[JobSummary], path: Path) -> None:
+def _write_csv(jobs: list[JobSummary], path: Path, target_accuracy: float) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for job in jobs:
-            values = {name: getattr(job, name) for name in COLUMNS}
+            values = {name: getattr(job, name) for name in COLUMNS if name not in TARGET_COLUMNS}
             values["overrides"] = " ".join(job.overrides)
-            writer.writerow(_cell(values[name]) for name in COLUMNS)
+            if target_accuracy > 0:
+                values["target_accuracy"] = target_accuracy
+                values["target_round"] = job.first_round_reaching(target_accuracy)
+            writer.writerow(_cell(values.get(name)) for name in COLUMNS)
 
 
 def _plot_accuracy(jobs: list[JobSummary], path: Path, title: str) -> None:
