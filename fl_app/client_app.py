@@ -35,7 +35,6 @@ from fl_app.model.classifier import (
     build_model,
     compile_model,
     feature_extractor,
-    is_head_variable,
     load_arrayrecord,
     pooling_part,
     reset_optimizer,
@@ -43,7 +42,16 @@ from fl_app.model.classifier import (
     split_at,
     with_augmentation,
 )
-from fl_app.model.features import FeatureCache, feature_key, frozen_digest
+from fl_app.model.features import (
+    POOLED,
+    FeatureCache,
+    boundaries,
+    cached_split,
+    feature_key,
+    frozen_digest,
+    frozen_keys,
+    predict_within,
+)
 from fl_app.model.proximal import Proximal
 from fl_app.privacy import dp_clip_mod
 from fl_app.schedule import HEAD
@@ -61,7 +69,6 @@ from fl_app.wire.exchange import (
 app = ClientApp(mods=[compression_mod, dp_clip_mod])
 # Where the frozen part of the model ends in the head phase; in the fine-tune phase
 # it may end at a backbone's cut (`fl_app.model.backbones.Cut`), named by its layer.
-POOLED = "pooled"
 # Where a node keeps features and its base model across its ClientApp processes.
 DEFAULT_CACHE_DIR = Path("~/.cache/fl_app")
 # What the models depend on: raw image shape, input size, backbone, number of classes.
@@ -160,12 +167,6 @@ def proximal_mu(config: RunConfig) -> float:
     return config.proximal_mu if config.strategy == "fedprox" else 0.0
 
 
-def _boundaries(backbone: str) -> tuple[str, ...]:
-    """Where the frozen part may end: the pooled features, or the backbone's cut."""
-    cut = BACKBONES[backbone].cut
-    return (POOLED,) if cut is None else (POOLED, cut.layer)
-
-
 def _boundary(config: RunConfig, phase: str) -> str | None:
     """Where the frozen part ends this round, if training can start from its output.
 
@@ -179,18 +180,6 @@ def _boundary(config: RunConfig, phase: str) -> str | None:
     if cut is not None and config.fine_tune_layers == cut.fine_tune_layers:
         return cut.layer
     return None
-
-
-def _frozen_keys(arrays: ArrayRecord, boundary: str, backbone: str) -> list[str]:
-    """The arrays of the layers before ``boundary``: what its activations depend on."""
-    cut = BACKBONES[backbone].cut
-    trained_prefix = cut.prefix if cut is not None and boundary == cut.layer else None
-    return [
-        key
-        for key in arrays
-        if not is_head_variable(key)
-        and (trained_prefix is None or not key.startswith(trained_prefix))
-    ]
 
 
 @functools.cache
@@ -274,7 +263,7 @@ def _global_model(arrays: ArrayRecord, shape: Shape) -> keras.Model:
 
 def _frozen_id(msg: Message, arrays: ArrayRecord, boundary: str, backbone: str) -> str:
     """Names the weights before ``boundary``: by the base's hash when all came from it."""
-    keys = _frozen_keys(arrays, boundary, backbone)
+    keys = frozen_keys(arrays, boundary, backbone)
     config = msg.content["config"]
     if BASE_HASH in config and not any(key in msg.content["arrays"] for key in keys):
         return f"base {config[BASE_HASH]}"  # no need to hash 90 MB again
@@ -303,31 +292,11 @@ def _activations(
     if activations is None and compute and len(split):
         _global_model(arrays, shape)
         front = _front(boundary, shape)
-        size = len(split) * int(np.prod(front.output.shape[1:])) * 4
-        if size > cache.max_bytes:
-            log(
-                INFO,
-                "Activations at %s would take %d MB > feature-cache-mb=%d: images are "
-                "streamed through the whole model instead",
-                boundary,
-                size // 2**20,
-                cache.max_bytes // 2**20,
-            )
+        activations = predict_within(front, split, config.batch_size, cache.max_bytes, boundary)
+        if activations is None:
             return None
-        activations = predict_rows(front, split, config.batch_size)
         cache.put(key, activations)
     return activations
-
-
-def _cached_split(activations: np.ndarray, split: Split) -> Split:
-    """The activations and labels of the rows whose images were readable, as a split.
-
-    Batched like the images themselves, so training on either sees the same order.
-    """
-    ok = readable(activations)
-    if ok.all():
-        return Split.of_arrays(activations, split.y)
-    return Split.of_arrays(activations[ok], split.y[ok])
 
 
 def _skipped(data: Split, inputs: Split) -> int:
@@ -420,7 +389,7 @@ def _pooled_features(
     in head rounds training stored them already, and in fine-tune rounds they depend
     on conv5, which the next round changes, so storing would only evict useful entries.
     """
-    for boundary in _boundaries(config.backbone) if cache is not None else ():
+    for boundary in boundaries(config.backbone) if cache is not None else ():
         activations = _activations(
             msg, arrays, split, shape, config, cache, boundary, compute=False
         )
@@ -460,10 +429,10 @@ def personalize(
         ``(loss, accuracy)`` on the readable validation examples; ``None`` when the
         node has no readable training example.
     """
-    train = _cached_split(
+    train = cached_split(
         _pooled_features(msg, arrays, data.train, shape, config, cache), data.train
     )
-    val = _cached_split(_pooled_features(msg, arrays, data.val, shape, config, cache), data.val)
+    val = cached_split(_pooled_features(msg, arrays, data.val, shape, config, cache), data.val)
     if not len(train) or not len(val):
         log(INFO, "personalize-epochs: no readable training example, nothing to personalise")
         return None
@@ -502,7 +471,7 @@ def train(msg: Message, context: Context) -> Message:
         args = (msg, arrays, data.train, shape, config, cache, boundary)
         activations = _activations(*args, compute=True)
     if activations is not None:
-        inputs = _cached_split(activations, data.train)
+        inputs = cached_split(activations, data.train)
         # Validation activations too, so this round's evaluation finds them.
         _activations(msg, arrays, data.val, shape, config, cache, boundary, compute=True)
         model = _load(_back(boundary, shape), arrays)
@@ -561,11 +530,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     shape = _shape(data, config, len(names))
     model, inputs = None, data
     # Training put this round's validation activations in the cache, if it could.
-    for boundary in _boundaries(config.backbone) if cache is not None else ():
+    for boundary in boundaries(config.backbone) if cache is not None else ():
         args = (msg, arrays, data, shape, config, cache, boundary)
         activations = _activations(*args, compute=False)
         if activations is not None:
-            inputs = _cached_split(activations, data)
+            inputs = cached_split(activations, data)
             model = _load(_back(boundary, shape), arrays)
             break
     if model is None:

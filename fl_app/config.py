@@ -381,12 +381,14 @@ class RunConfig:
     )
     feature_cache: bool = key(
         True,
-        "Nodes compute the frozen part's output once and train the rest on it (exact).",
+        "Nodes compute the frozen part's output once and train and evaluate the rest on it; "
+        "the server does the same for its test set (exact).",
         group="model",
     )
     feature_cache_mb: int = key(
         1024,
-        "Memory (and, deployed, disk) for cached activations, in MB.",
+        "Memory (and, deployed, disk) for cached activations, in MB: on each node, and on "
+        "the server for its test set.",
         at_least(1),
         "model",
     )

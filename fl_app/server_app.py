@@ -14,15 +14,14 @@ from pathlib import Path
 
 import flwr
 import keras
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app.aggregation import Combiner
 from fl_app.config import DATASETS, RunConfig
 from fl_app.data import CLASSES_KEY, load_test_set, model_image_shape, run_classes
-from fl_app.data.batches import Batches
-from fl_app.data.split import Split
+from fl_app.evaluation import CentralEvaluation
 from fl_app.model.backbones import BACKBONES
 from fl_app.model.classifier import (
     build_model,
@@ -106,15 +105,6 @@ def initial_model(
     else:
         model = build(str(path))
     return model, f"file:{path}"
-
-
-def _evaluator(model: keras.Model, test: Split, batch_size: int):
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_arrayrecord(model, arrays)
-        loss, accuracy = model.evaluate(Batches(test, batch_size), verbose=0)
-        return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
-
-    return evaluate
 
 
 def _saver(model: keras.Model, classes: tuple[str, ...]):
@@ -318,6 +308,14 @@ def main(grid: Grid, context: Context) -> None:
         timeout=config.round_timeout,
         train_config=ConfigRecord({CLASSES_KEY: list(classes)}),
         evaluate_config=ConfigRecord({CLASSES_KEY: list(classes)}),
-        evaluate_fn=_evaluator(model, test, config.batch_size) if test is not None else None,
+        evaluate_fn=None
+        if test is None
+        else CentralEvaluation(
+            model,
+            test,
+            config.batch_size,
+            config.backbone,
+            config.feature_cache_mb * 2**20 if config.feature_cache else 0,
+        ),
     )
     log(INFO, "Run finished: metrics, best.keras and final.keras are in %s", run_dir)

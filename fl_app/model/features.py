@@ -13,21 +13,31 @@ never used.
 Entries live in memory (simulation: the Ray actor process serves every round)
 and, given a folder, on disk as well (deployment: each message starts a new
 ClientApp process). Both are bounded; the least recently used entries go first.
+The boundaries and the frozen keys behind them serve the server's evaluation of
+its test set too (`fl_app.evaluation`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from logging import INFO
 
 import keras
 import numpy as np
 from flwr.app import ArrayRecord
+from flwr.common import log
 
 from fl_app.cache import Codec, Store, digest_arrays
+from fl_app.data.batches import predict_rows, readable
+from fl_app.data.split import Split
+from fl_app.model.backbones import BACKBONES
+from fl_app.model.classifier import is_head_variable
 
 # Part of every key: bump when preprocessing or the backbone's code changes meaning.
 FEATURE_VERSION = f"2/keras-{keras.__version__}"
+# The boundary after global pooling: the head's inputs.
+POOLED = "pooled"
 
 
 def feature_key(frozen: str, images: str, input_size: int, boundary: str = "pooled") -> str:
@@ -45,6 +55,58 @@ def frozen_digest(arrays: ArrayRecord, frozen_keys: Iterable[str]) -> str:
     digest = hashlib.blake2b(digest_size=20)
     digest_arrays(digest, arrays, sorted(frozen_keys))
     return digest.hexdigest()
+
+
+def boundaries(backbone: str) -> tuple[str, ...]:
+    """Where the frozen part may end: the pooled features, or the backbone's cut."""
+    cut = BACKBONES[backbone].cut
+    return (POOLED,) if cut is None else (POOLED, cut.layer)
+
+
+def frozen_keys(arrays: ArrayRecord, boundary: str, backbone: str) -> list[str]:
+    """The arrays of the layers before ``boundary``: what its activations depend on."""
+    cut = BACKBONES[backbone].cut
+    trained_prefix = cut.prefix if cut is not None and boundary == cut.layer else None
+    return [
+        key
+        for key in arrays
+        if not is_head_variable(key)
+        and (trained_prefix is None or not key.startswith(trained_prefix))
+    ]
+
+
+def cached_split(activations: np.ndarray, split: Split) -> Split:
+    """The activations and labels of the rows whose images were readable, as a split.
+
+    Batched like the images themselves, so training or evaluating on either sees the
+    same order.
+    """
+    ok = readable(activations)
+    if ok.all():
+        return Split.of_arrays(activations, split.y)
+    return Split.of_arrays(activations[ok], split.y[ok])
+
+
+def predict_within(
+    front: keras.Model, split: Split, batch_size: int, max_bytes: int, boundary: str
+) -> np.ndarray | None:
+    """``front``'s activations of ``split`` (NaN rows: unreadable images), if they fit.
+
+    ``None``, with one log line, when they would take more than ``max_bytes``: the
+    caller then runs the images through the whole model.
+    """
+    size = len(split) * int(np.prod(front.output.shape[1:])) * 4
+    if size > max_bytes:
+        log(
+            INFO,
+            "Activations at %s would take %d MB > feature-cache-mb=%d: images go through "
+            "the whole model instead",
+            boundary,
+            size // 2**20,
+            max_bytes // 2**20,
+        )
+        return None
+    return predict_rows(front, split, batch_size)
 
 
 class FeatureCache(Store):
