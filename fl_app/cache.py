@@ -29,6 +29,17 @@ import psutil
 from flwr.app import ArrayRecord
 from flwr.common import log
 
+# Where fl_app keeps what it computes once per machine (converted weights, activations,
+# base models) unless a node's config names another folder.
+CACHE_ENV = "FL_APP_CACHE_DIR"
+DEFAULT_CACHE_ROOT = "~/.cache/fl_app"
+
+
+def cache_root() -> Path:
+    """``$FL_APP_CACHE_DIR`` if set, else ``~/.cache/fl_app``."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT).expanduser()
+
+
 # Ends every entry file, followed by the digest: a file without it was cut short,
 # or written by a version of fl_app that stored no checksum.
 CHECKSUM_MAGIC = b"fl_app/blake2b\x00\x01"

@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
+from fl_app.cache import cache_root
 from fl_app.config import RunConfig
 from fl_app.data import CLASSES_KEY, NodeData, load_data_dir, load_node_data, split_node_data
 from fl_app.data.batches import Batches, predict_rows, readable
@@ -67,10 +68,6 @@ from fl_app.wire.exchange import (
 )
 
 app = ClientApp(mods=[compression_mod, dp_clip_mod])
-# Where the frozen part of the model ends in the head phase; in the fine-tune phase
-# it may end at a backbone's cut (`fl_app.model.backbones.Cut`), named by its layer.
-# Where a node keeps features and its base model across its ClientApp processes.
-DEFAULT_CACHE_DIR = Path("~/.cache/fl_app")
 # What the models depend on: raw image shape, input size, backbone, number of classes.
 Shape = tuple[tuple[int, ...], int, str, int]
 
@@ -183,20 +180,26 @@ def _boundary(config: RunConfig, phase: str) -> str | None:
 
 
 @functools.cache
-def _cache_store(max_bytes: int, folder: str | None) -> FeatureCache:
-    return FeatureCache(max_bytes, Path(folder) if folder else None)
+def _cache_store(max_bytes: int, folder: str) -> FeatureCache:
+    return FeatureCache(max_bytes, Path(folder))
 
 
 def _cache_dir(context: Context) -> Path:
-    return Path(str(context.node_config.get("cache-dir", DEFAULT_CACHE_DIR))).expanduser()
+    """Where a node keeps activations and its base model across ClientApp processes.
+
+    Node config ``cache-dir``, else the machine's (`fl_app.cache.cache_root`): every
+    simulated node and Ray actor of a machine shares that one.
+    """
+    folder = context.node_config.get("cache-dir")
+    return Path(str(folder)).expanduser() if folder else cache_root()
 
 
 def _feature_cache(config: RunConfig, context: Context) -> FeatureCache | None:
     if not config.feature_cache:
         return None
-    # In simulation the Ray actor serves every round: memory is enough.
-    folder = _cache_dir(context) / "features" if "data-dir" in context.node_config else None
-    return _cache_store(config.feature_cache_mb * 2**20, str(folder) if folder else None)
+    # On disk in simulation too: a simulated node is served by whichever Ray actor is
+    # free, and only the disk is shared by the actors of a machine.
+    return _cache_store(config.feature_cache_mb * 2**20, str(_cache_dir(context) / "features"))
 
 
 @functools.cache

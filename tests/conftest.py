@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from fl_app.cache import CACHE_ENV
 from fl_app.data.builtin import fashion_mnist_dirs
 from fl_app.launch.flower_cli import FlowerCLI
 from fl_app.launch.local_superlink import LocalSuperLink
@@ -74,6 +76,23 @@ class SimulationRunner:
         self.cli.follow(run_id, log)
         status = self.cli.wait(run_id)
         return FinishedRun(run_id, status.status, status.details, log.getvalue(), run_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_cache(tmp_path_factory) -> Iterable[Path]:
+    """The machine's cache (converted weights, activations, bases) for this session only.
+
+    Set before any test starts a process, so SuperLinks, Ray actors and launchers
+    inherit it: tests neither read a cache left by earlier sessions nor fill the user's.
+    """
+    folder = tmp_path_factory.mktemp("machine-cache")
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = previous
 
 
 @pytest.fixture(scope="session")

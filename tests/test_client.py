@@ -18,9 +18,11 @@ from conftest import REPO, message_metadata
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fl_app import client_app
+from fl_app.cache import CACHE_ENV
 from fl_app.config import RunConfig
 from fl_app.data import CLASSES_KEY, PARTITION_FILE, load_node_data
 from fl_app.data.builtin import CLASS_NAMES
+from fl_app.model import features
 from fl_app.model.classifier import build_model, is_head_variable, to_arrayrecord
 from fl_app.schedule import FINE_TUNE, HEAD
 from fl_app.wire.exchange import BASE, BASE_HASH, base_hash
@@ -206,6 +208,32 @@ def test_a_simulated_node_evaluates_its_partition(initial, tmp_path):
     expected = load_node_data(RunConfig.parse(RUN_CONFIG, check_files=False), FASHION, 0, 2)
     assert reply.content["metrics"]["num-examples"] == len(expected.val.y) > 0
     assert math.isfinite(reply.content["metrics"]["eval_loss"])
+
+
+def test_simulated_nodes_share_the_machines_activation_cache_across_actors(
+    initial, tmp_path, monkeypatch
+):
+    """A simulated node served by another Ray actor (a process with an empty memory tier)
+    finds the activations the first one computed on the machine's disk."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    passes = []
+    compute = features.predict_within
+    monkeypatch.setattr(
+        client_app, "predict_within", lambda *a, **k: passes.append(1) or compute(*a, **k)
+    )
+    simulated = {"partition-id": 1, "num-partitions": 2}  # no data-dir, no cache-dir
+
+    first = train(initial, simulated)
+    assert len(passes) == 2  # the train and the validation split's pooled features
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2
+    client_app._cache_store.cache_clear()  # the next actor: nothing in memory
+    second = train(initial, simulated)
+
+    assert len(passes) == 2  # from disk: no new pass through the backbone
+    for key in first.content["arrays"]:
+        np.testing.assert_array_equal(
+            first.content["arrays"][key].numpy(), second.content["arrays"][key].numpy()
+        )
 
 
 def test_a_node_keeps_its_base_and_rebuilds_the_model_without_it(initial, node, cached):

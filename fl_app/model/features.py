@@ -10,9 +10,10 @@ compute, and in a deployment's fresh ClientApp process a far smaller model to
 trace. A changed frozen part or data gives another key, so a stale entry is
 never used.
 
-Entries live in memory (simulation: the Ray actor process serves every round)
-and, given a folder, on disk as well (deployment: each message starts a new
-ClientApp process). Both are bounded; the least recently used entries go first.
+Entries live in memory and on disk: a deployed node starts a new ClientApp
+process for every message, and a simulated node is served by whichever Ray actor
+is free, so only the disk carries them from one round to the next. Both are
+bounded; the least recently used entries go first.
 The boundaries and the frozen keys behind them serve the server's evaluation of
 its test set too (`fl_app.evaluation`).
 """
@@ -36,7 +37,9 @@ from fl_app.model.classifier import is_head_variable
 
 # Part of every key: bump when preprocessing or the backbone's code changes meaning.
 FEATURE_VERSION = f"2/keras-{keras.__version__}"
-# The boundary after global pooling: the head's inputs.
+# Where the frozen part of the model ends in the head phase: after global pooling, at
+# the head's inputs. In the fine-tune phase it may end at a backbone's cut
+# (`fl_app.model.backbones.Cut`), named by its layer.
 POOLED = "pooled"
 
 
