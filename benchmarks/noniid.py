@@ -166,16 +166,26 @@ def plot(res: dict, path: Path) -> None:
     axes = fig.subplots(1, len(splits), sharey=True, squeeze=False)[0]
     for ax, split in zip(axes, splits, strict=True):
         for row in res["jobs"]:
-            if row["split"] == split and row["accuracy"]:
-                label = ALGORITHM_TITLES.get(row["algorithm"], row["algorithm"])
-                ax.plot(range(len(row["accuracy"])), row["accuracy"], marker="o", ms=2, label=label)
+            # From round 1: round 0 is the untrained head, at chance on every split.
+            if row["split"] == split and row["accuracy"][1:]:
+                algorithm = row["algorithm"]
+                # One colour per algorithm on every panel.
+                known = ALGORITHMS.index(algorithm) if algorithm in ALGORITHMS else -1
+                ax.plot(
+                    range(1, len(row["accuracy"])),
+                    row["accuracy"][1:],
+                    marker="o",
+                    ms=2,
+                    color=f"C{known}" if known >= 0 else None,
+                    label=ALGORITHM_TITLES.get(algorithm, algorithm),
+                )
         ax.axhline(res["target_accuracy"], color="grey", lw=0.8, ls=":")
         ax.set_title(SPLIT_TITLES.get(split, split.upper()))
         ax.set_xlabel("round")
         ax.set_ylim(0.5, 0.95)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("server test accuracy")
-    axes[-1].legend(fontsize="small", loc="lower right")
+    axes[0].set_ylabel("server test accuracy (dotted: the target)")
+    axes[0].legend(fontsize="small", loc="lower right")
     fig.savefig(path, dpi=100)
 
 
