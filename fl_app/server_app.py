@@ -22,7 +22,7 @@ from fl_app.aggregation import Combiner
 from fl_app.config import DATASETS, RunConfig
 from fl_app.data import CLASSES_KEY, load_test_set, model_image_shape, run_classes
 from fl_app.evaluation import CentralEvaluation
-from fl_app.model.backbones import BACKBONES
+from fl_app.model.backbones import BACKBONES, EFFICIENTNET_LITE0
 from fl_app.model.classifier import (
     build_model,
     compile_model,
@@ -31,6 +31,7 @@ from fl_app.model.classifier import (
     to_arrayrecord,
     trainable_keys,
 )
+from fl_app.model.efficientnet_lite import imagenet_weights_file
 from fl_app.privacy import PrivacyBudget
 from fl_app.run_folder import RunFolder, load_checkpoint
 from fl_app.schedule import TransferSchedule
@@ -68,14 +69,18 @@ def initial_model(
 
     Returns the model and ``"imagenet"``, ``"random"`` or ``"file:<path>"``.
     EfficientNet-Lite0's ImageNet weights come from an installed package (converted
-    on first use), so they need no download. A random start follows the run's seed,
-    but Keras draws initializer seeds from Python's global ``random``, which other
-    code in a simulation process may draw from too: for a start that surely
-    repeats, pass a weights file.
+    on first use), so they need no download. What is not loaded (the head, or a
+    random start) follows the run's seed, drawn right before the model is built.
     """
     weights, strict, backbone = config.weights, config.strict_weights, config.backbone
 
     def build(backbone_weights: str | None = None) -> keras.Model:
+        if backbone_weights == "imagenet" and backbone == EFFICIENTNET_LITE0.name:
+            # Converting the shipped checkpoint on first use builds a model, which draws
+            # random numbers: convert before seeding, so the head starts the same
+            # whether or not this machine had converted it before.
+            imagenet_weights_file()
+        keras.utils.set_random_seed(config.seed)
         return build_model(num_classes, image_shape, config.input_size, backbone_weights, backbone)
 
     if weights == "none":
@@ -198,7 +203,6 @@ def main(grid: Grid, context: Context) -> None:
         raise
     log(INFO, "%d classes: %s", len(classes), ", ".join(classes))
     best_by = _best_by(test_source, test is not None, config)
-    keras.utils.set_random_seed(config.seed)
     image_shape = model_image_shape(config, test)
     if config.input_size < PHOTO_INPUT_SIZE and config.dataset not in DATASETS:
         log(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import random
 import sys
 import warnings
 from dataclasses import replace
@@ -222,6 +223,19 @@ def test_the_server_starts_lite0_from_imagenet_even_when_strict(state):
     np.testing.assert_array_equal(stem, state["_conv_stem.weight"].transpose(2, 3, 1, 0))
     _, init = initial_model(replace(LITE0_CONFIG, weights="none"), (28, 28, 1), 10)
     assert init == "random"
+
+
+def test_the_servers_start_repeats_whether_or_not_the_weights_were_converted_before(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FL_APP_CACHE_DIR", str(tmp_path))
+    converting, _ = initial_model(LITE0_CONFIG, (28, 28, 1), 10)
+    assert list((tmp_path / "weights").glob("*.weights.h5"))
+    random.random()  # other code drawing in between changes nothing either
+    converted, _ = initial_model(LITE0_CONFIG, (28, 28, 1), 10)
+
+    for a, b in zip(converting.weights, converted.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
 def test_a_random_lite0_still_tells_images_apart(model):

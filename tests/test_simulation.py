@@ -70,8 +70,7 @@ def test_two_rounds_on_two_supernodes_write_metrics_and_a_loadable_model(superli
 
 def test_the_activation_cache_changes_no_result(superlink, tmp_path):
     # Round 2 trains the head on cached features, round 3 conv5 on cached conv4 output.
-    # Both runs start from one weights file: a random init drawn in the ServerApp is not
-    # reproducible across runs (see the note in server_app.initial_model).
+    # Both runs start from one weights file, so the cache is all that differs.
     start = tmp_path / "start.weights.h5"
     keras.utils.set_random_seed(0)
     build_model(10, (28, 28, 1), 32).save_weights(start)
