@@ -265,12 +265,28 @@ def _global_model(arrays: ArrayRecord, shape: Shape) -> keras.Model:
 
 
 def _frozen_id(msg: Message, arrays: ArrayRecord, boundary: str, backbone: str) -> str:
-    """Names the weights before ``boundary``: by the base's hash when all came from it."""
+    """A digest of the weights before ``boundary``: what the activations depend on.
+
+    Of those weights alone, not of the base they came in (which holds the head too), so
+    runs that start the head differently (another seed) share a machine's activations.
+    When they all came from the base, the digest is computed once per base and process.
+    """
     keys = frozen_keys(arrays, boundary, backbone)
     config = msg.content["config"]
     if BASE_HASH in config and not any(key in msg.content["arrays"] for key in keys):
-        return f"base {config[BASE_HASH]}"  # no need to hash 90 MB again
+        return _base_frozen_digest(str(config[BASE_HASH]), boundary, arrays, tuple(keys))
     return frozen_digest(arrays, keys)
+
+
+_base_digests: dict[tuple[str, str], str] = {}
+
+
+def _base_frozen_digest(
+    base: str, boundary: str, arrays: ArrayRecord, keys: tuple[str, ...]
+) -> str:
+    if (base, boundary) not in _base_digests:
+        _base_digests[base, boundary] = frozen_digest(arrays, keys)
+    return _base_digests[base, boundary]
 
 
 def _activations(

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import REPO, message_metadata
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fl_app import client_app
 from fl_app.cache import CACHE_ENV
@@ -251,6 +251,29 @@ def test_a_node_keeps_its_base_and_rebuilds_the_model_without_it(initial, node, 
         full = arrays_of(cached)
         for key, array in trained.items():
             np.testing.assert_allclose(array, full[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_bases_that_differ_only_in_the_head_share_the_activations(
+    initial, node, tmp_path, monkeypatch
+):
+    """Two runs with another seed for the head: same backbone, so the same cache entries."""
+    passes = []
+    compute = features.predict_within
+    monkeypatch.setattr(
+        client_app, "predict_within", lambda *a, **k: passes.append(1) or compute(*a, **k)
+    )
+    here = {**node, "cache-dir": str(tmp_path)}
+    other = ArrayRecord(
+        {k: Array(a.numpy() + 0.01) if is_head_variable(k) else a for k, a in initial.items()}
+    )
+    assert base_hash(other) != base_hash(initial)
+    for base in (initial, other):
+        head = ArrayRecord({k: a for k, a in base.items() if is_head_variable(k)})
+        train(head, here, base=base)
+        client_app._cache_store.cache_clear()  # the next run's process: nothing in memory
+
+    assert len(passes) == 2  # the first run's train and validation splits only
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2
 
 
 def test_a_base_that_does_not_match_its_hash_is_refused(initial, node, tmp_path):
