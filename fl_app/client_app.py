@@ -268,7 +268,8 @@ def _frozen_id(msg: Message, arrays: ArrayRecord, boundary: str, backbone: str) 
     """A digest of the weights before ``boundary``: what the activations depend on.
 
     Of those weights alone, not of the base they came in (which holds the head too), so
-    runs that start the head differently (another seed) share a machine's activations.
+    runs whose heads start differently (a head from another file, say, or a full exchange
+    against a trainable-only one) share a machine's activations.
     When they all came from the base, the digest is computed once per base and process.
     """
     keys = frozen_keys(arrays, boundary, backbone)

@@ -256,7 +256,7 @@ def test_a_node_keeps_its_base_and_rebuilds_the_model_without_it(initial, node, 
 def test_bases_that_differ_only_in_the_head_share_the_activations(
     initial, node, tmp_path, monkeypatch
 ):
-    """Two runs with another seed for the head: same backbone, so the same cache entries."""
+    """Two runs whose heads start differently: same backbone, so the same cache entries."""
     passes = []
     compute = features.predict_within
     monkeypatch.setattr(
