@@ -88,13 +88,6 @@ def results(sweep: Path, target: float) -> dict:
     """Per job: split, algorithm, status, server accuracy per round, summary numbers."""
     rows = []
     for job in read_sweep(sweep):
-        metrics = sweep / str(job.job) / "metrics.json"
-        personalised = []
-        if metrics.is_file():
-            rounds = json.loads(metrics.read_text()).get("rounds", [])
-            personalised = [
-                r["personalized_accuracy"] for r in rounds if "personalized_accuracy" in r
-            ]
         rows.append(
             {
                 "job": job.job,
@@ -108,7 +101,7 @@ def results(sweep: Path, target: float) -> dict:
                 "best": job.best_server_accuracy,
                 "best_round": job.best_round,
                 "target_round": job.first_round_reaching(target),
-                "personalized_accuracy": personalised,
+                "personalized_accuracy": list(job.personalized_accuracy),
                 "wall_s": job.wall_time_s,
             }
         )

@@ -37,6 +37,7 @@ from fl_app.model.classifier import (
     compile_model,
     feature_extractor,
     load_arrayrecord,
+    load_part,
     pooling_part,
     reset_optimizer,
     set_phase,
@@ -324,12 +325,6 @@ def _skipped(data: Split, inputs: Split) -> int:
     return len(data) - len(inputs) if inputs is not data else data.skipped
 
 
-def _load(model: keras.Model, arrays: ArrayRecord) -> keras.Model:
-    """Set a part of the model from the full model's arrays (same variable paths)."""
-    model.set_weights([arrays[v.path].numpy() for v in model.weights])
-    return model
-
-
 def round_seed(config: RunConfig, context: Context, server_round: int) -> int:
     """The seed of one node's round: its shuffles and Keras' random draws repeat."""
     return (
@@ -456,7 +451,7 @@ def personalize(
     if not len(train) or not len(val):
         log(INFO, "personalize-epochs: no readable training example, nothing to personalise")
         return None
-    head = _load(_personal_head(config.backbone, shape[3]), arrays)
+    head = load_part(_personal_head(config.backbone, shape[3]), arrays)
     reset_optimizer(head, config.learning_rate)
     keras.utils.set_random_seed(seed)
     batches = Batches(train, config.batch_size, shuffle_seed=seed)
@@ -494,7 +489,7 @@ def train(msg: Message, context: Context) -> Message:
         inputs = cached_split(activations, data.train)
         # Validation activations too, so this round's evaluation finds them.
         _activations(msg, arrays, data.val, shape, config, cache, boundary, compute=True)
-        model = _load(_back(boundary, shape), arrays)
+        model = load_part(_back(boundary, shape), arrays)
     else:
         boundary, inputs = None, data.train
         model = _global_model(arrays, shape)
@@ -555,7 +550,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         activations = _activations(*args, compute=False)
         if activations is not None:
             inputs = cached_split(activations, data)
-            model = _load(_back(boundary, shape), arrays)
+            model = load_part(_back(boundary, shape), arrays)
             break
     if model is None:
         model = _global_model(arrays, shape)

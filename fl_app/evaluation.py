@@ -31,6 +31,7 @@ from fl_app.model.classifier import (
     compile_model,
     feature_extractor,
     load_arrayrecord,
+    load_part,
     split_at,
 )
 from fl_app.model.features import (
@@ -69,7 +70,8 @@ class CentralEvaluation:
         self.batch_size = batch_size
         self.backbone = backbone
         self.max_bytes = max_bytes
-        # The frozen-part digest of each boundary at the last evaluation.
+        self.boundaries = boundaries(backbone)
+        # The frozen-part digest of each boundary at the last evaluation that missed.
         self._last: dict[str, str] = {}
         # (boundary, digest, activations as a split) of the one boundary kept.
         self._kept: tuple[str, str, Split] | None = None
@@ -81,15 +83,13 @@ class CentralEvaluation:
         """Score ``arrays`` on the test set."""
         del server_round
         load_arrayrecord(self.model, arrays)
-        digests = (
-            {b: frozen_digest(arrays, frozen_keys(arrays, b, self.backbone)) for b in self._order}
-            if self.max_bytes > 0
-            else {}
-        )
         model, inputs = self.model, self.test
-        if self._kept is not None and digests.get(self._kept[0]) == self._kept[1]:
-            model, inputs = self._back(self._kept[0], arrays), self._kept[2]
-        else:
+        kept = self._kept
+        # A hit hashes only the kept boundary's weights: the others matter only on a miss.
+        if kept is not None and self._digest(arrays, kept[0]) == kept[1]:
+            model, inputs = self._back(kept[0], arrays), kept[2]
+        elif self.max_bytes > 0:
+            digests = {b: self._digest(arrays, b) for b in self.boundaries}
             boundary = self._stable(digests)
             if boundary is not None:
                 activations = self._compute(boundary)
@@ -97,25 +97,23 @@ class CentralEvaluation:
                     inputs = cached_split(activations, self.test)
                     self._kept = (boundary, digests[boundary], inputs)
                     model = self._back(boundary, arrays)
-        self._last = digests
+            self._last = digests
         loss, accuracy = model.evaluate(Batches(inputs, self.batch_size), verbose=0)
         return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
 
-    @property
-    def _order(self) -> tuple[str, ...]:
-        return boundaries(self.backbone)
+    def _digest(self, arrays: ArrayRecord, boundary: str) -> str:
+        return frozen_digest(arrays, frozen_keys(arrays, boundary, self.backbone))
 
     def _stable(self, digests: dict[str, str]) -> str | None:
-        """The deepest boundary whose frozen part did not change since the last evaluation.
+        """The deepest boundary whose frozen part did not change since the last miss.
 
-        The first evaluation has nothing to compare with: training starts in the head
-        phase, so the pooled features are the ones to keep.
+        Between misses the kept boundary's part did not change, nor did the parts
+        before it. The first evaluation has nothing to compare with: training starts in
+        the head phase, so the pooled features are the ones to keep.
         """
-        if not digests:
-            return None
         if not self._last:
             return POOLED
-        return next((b for b in self._order if self._last.get(b) == digests[b]), None)
+        return next((b for b in self.boundaries if self._last.get(b) == digests[b]), None)
 
     def _front_back(self, boundary: str) -> tuple[keras.Model, keras.Model]:
         """The model cut at ``boundary``: the frozen part, and what comes after it."""
@@ -133,10 +131,8 @@ class CentralEvaluation:
 
     def _back(self, boundary: str, arrays: ArrayRecord) -> keras.Model:
         back = self._front_back(boundary)[1]
-        if boundary == POOLED:
-            # The head has its own variables (the cut shares the model's): set them.
-            back.set_weights([arrays[v.path].numpy() for v in back.weights])
-        return back
+        # The head has its own variables (the cut shares the model's): set them.
+        return load_part(back, arrays) if boundary == POOLED else back
 
     def _compute(self, boundary: str) -> np.ndarray | None:
         """The test set's activations at ``boundary``; ``None`` when they would not fit."""

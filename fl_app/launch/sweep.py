@@ -69,10 +69,15 @@ class JobSummary:
     bytes_received: int | None
     # ε spent by the last round of a run with client-level DP.
     final_epsilon: float | None = None
-    # The nodes' personalised heads' accuracy in the last round (personalize-epochs).
-    final_personalized_accuracy: float | None = None
     # (round, server_accuracy) pairs in round order, round 0 included.
     accuracy: tuple[tuple[int, float], ...] = ()
+    # The nodes' personalised heads' accuracy, round by round (personalize-epochs).
+    personalized_accuracy: tuple[float, ...] = ()
+
+    @property
+    def final_personalized_accuracy(self) -> float | None:
+        """The personalised accuracy of the last round that reported one."""
+        return self.personalized_accuracy[-1] if self.personalized_accuracy else None
 
     def first_round_reaching(self, target: float) -> int | None:
         """The first round whose server accuracy is at least ``target``, or ``None``."""
@@ -306,8 +311,12 @@ def _read_job(job_dir: Path) -> JobSummary:
         bytes_sent=_sum_bytes(rounds, "bytes_sent"),
         bytes_received=_sum_bytes(rounds, "bytes_received"),
         final_epsilon=_last_number(rounds, "dp_epsilon"),
-        final_personalized_accuracy=_last_number(rounds, "personalized_accuracy"),
         accuracy=accuracy,
+        personalized_accuracy=tuple(
+            float(r["personalized_accuracy"])
+            for r in rounds
+            if _is_number(r.get("personalized_accuracy"))
+        ),
     )
 
 

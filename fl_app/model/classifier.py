@@ -301,6 +301,15 @@ def load_arrayrecord(model: keras.Model, arrays: ArrayRecord) -> None:
     model.set_weights([arrays[key].numpy() for key in expected])
 
 
+def load_part(model: keras.Model, arrays: ArrayRecord) -> keras.Model:
+    """Set a part of the model (the head, what follows a cut) from the full model's arrays.
+
+    A part's variables have the full model's paths, so they are picked out by path.
+    """
+    model.set_weights([arrays[v.path].numpy() for v in model.weights])
+    return model
+
+
 def trainable_parameter_count(model: keras.Model) -> int:
     """Number of scalar parameters that training updates."""
     return int(sum(np.prod(v.shape) for v in model.trainable_weights))
