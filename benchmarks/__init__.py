@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,3 +35,19 @@ def run_launcher(name: str, overrides: list[str], job_dir: Path, keep_log: bool 
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed ({done.returncode}): {done.stderr[-2000:]}")
     return wall
+
+
+def parse_with_smallest(
+    parser: argparse.ArgumentParser, smallest: Mapping[str, Any]
+) -> argparse.Namespace:
+    """Parse argv with a ``--smallest`` flag that sets every option of ``smallest`` (CI size)."""
+    parser.add_argument(
+        "--smallest",
+        action="store_true",
+        help="CI size: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in smallest.items()),
+    )
+    args = parser.parse_args()
+    if args.smallest:
+        for key, value in smallest.items():
+            setattr(args, key, value)
+    return args

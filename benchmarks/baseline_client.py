@@ -4,7 +4,7 @@ It does what Flower's ``examples/quickstart-tensorflow`` ClientApp does: every
 message builds a fresh Keras model, loads every received weight, trains or
 evaluates, and replies with every weight. Nothing is reused across rounds and
 no activations are cached. Data, model, transfer schedule, seeds and fit
-settings are those of ``fl_app.client_app``, so a benchmark sees only the cost
+settings are those of ``fl_app.client_task``, so a benchmark sees only the cost
 of those choices. Not meant for real runs.
 """
 
@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 # The same node data and per-round seeds as our client.
-from fl_app.client_app import (
+from fl_app.client_task import (
     classes,
     evaluate_reply,
     node_data,

@@ -7,7 +7,8 @@ the frozen backbone). Ratios compare runs of this one invocation:
 
 1. time per train message after round 1 inside our client vs ``benchmarks.baseline_client``
    (Flower's quickstart-tensorflow style: a fresh model every message, every weight
-   sent), and the whole round as the server sees it;
+   sent), and the whole round as the server sees it (the baseline's server, as the
+   quickstart's, evaluates the full model on its test set every round);
 2. bytes uploaded per client per round after round 1 for each compression (none,
    float16, int8) vs what the baseline uploads (the full float32 model), and each
    one's final server accuracy vs the uncompressed run's;
@@ -45,6 +46,7 @@ import psutil
 # Runnable from a checkout without installing fl_app.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import parse_with_smallest
 from fl_app.config import RunConfig
 from fl_app.data.split import Split
 from fl_app.launch.local_superlink import LocalSuperLink
@@ -58,6 +60,8 @@ REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 COMPRESSIONS = ("none", "float16", "int8")
 QUICKSTART = "quickstart"
+# The quickstart's server: every weight sent every round, the full model evaluated.
+QUICKSTART_SERVER = {"exchange": "full", "feature-cache": False}
 MEMORY = "memory"
 # CI size. One client, sampled every round, for as many rounds: the memory run is then
 # the same run as "none" and runs once.
@@ -133,12 +137,19 @@ def baseline_app(root: Path) -> Path:
 
 
 def run_app(
-    out: Path, app_dir: Path, run_config: Mapping[str, Any], num_supernodes: int
+    out: Path,
+    app_dir: Path,
+    run_config: Mapping[str, Any],
+    num_supernodes: int,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One run on a fresh local SuperLink: its rounds, wall time and peak tree RSS."""
+    """One run on a fresh local SuperLink: its rounds, wall time and peak tree RSS.
+
+    ``env`` is the environment of the SuperLink and all it starts (default: this process's).
+    """
     out.mkdir(parents=True)
     log_file = out / "flower.log"
-    with LocalSuperLink(out / "flwr_home") as link, TreeRSS(link.proc) as rss:
+    with LocalSuperLink(out / "flwr_home", env) as link, TreeRSS(link.proc) as rss:
         started = time.monotonic()
         run_id = link.cli.submit(
             app_dir,
@@ -255,8 +266,9 @@ def table_rows(
             ">= 20x",
             client >= 20,
         ),
-        # The whole round as the server sees it: messaging, the server's own test-set
-        # evaluation and averaging are the same for both clients and bound the ratio.
+        # The whole round as the server sees it: messaging and averaging are the same for
+        # both and bound the ratio; the server's test-set evaluation is ours (cached
+        # features) against the quickstart's (the full model every round).
         Row(
             "head-phase round time after round 1 (server), ours vs quickstart",
             "s",
@@ -353,6 +365,26 @@ def machine() -> dict[str, Any]:
     }
 
 
+def save_start_weights(
+    config: RunConfig, image_shape: tuple[int, ...], num_classes: int, path: Path
+) -> keras.Model:
+    """Build the ServerApp's initial model for ``config`` and save its weights to ``path``.
+
+    Runs that pass ``weights=<path>`` start from the same weights: a random init drawn
+    in each ServerApp may differ.
+
+    Returns
+    -------
+    keras.Model
+        The model whose weights were saved.
+    """
+    from fl_app.server_app import initial_model
+
+    model, _ = initial_model(config, image_shape, num_classes)
+    model.save_weights(path)
+    return model
+
+
 def variants(args: argparse.Namespace, sampled: int) -> dict[str, tuple[bool, dict[str, Any], int]]:
     """Each run by name: whether it runs the baseline ClientApp, its overrides, its clients."""
     base = {
@@ -377,7 +409,7 @@ def variants(args: argparse.Namespace, sampled: int) -> dict[str, tuple[bool, di
         "min-available-nodes": args.clients,
     }
     return {
-        QUICKSTART: (True, {**base, "exchange": "full"}, args.nodes),
+        QUICKSTART: (True, {**base, **QUICKSTART_SERVER}, args.nodes),
         **{c: (False, {**base, "compression": c}, args.nodes) for c in COMPRESSIONS},
         MEMORY: (False, memory, args.clients),
     }
@@ -401,15 +433,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--memory-rounds", type=int, default=2, help="rounds of the memory run")
     parser.add_argument("--repeats", type=int, default=5, help="timed bare fits")
     parser.add_argument("--json", type=Path, default=Path("outputs/bench.json"))
-    parser.add_argument(
-        "--smallest",
-        action="store_true",
-        help="CI size: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMALLEST.items()),
-    )
-    args = parser.parse_args()
-    if args.smallest:
-        for key, value in SMALLEST.items():
-            setattr(args, key, value)
+    args = parse_with_smallest(parser, SMALLEST)
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: round times and uploads are taken after round 1")
     if args.backbone not in BACKBONES:
@@ -423,10 +447,7 @@ def main() -> int:
     args = parse_args()
     # A SIGTERM unwinds like Ctrl-C, so every SuperLink we started is stopped by PID.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    import keras
-
     from fl_app.data import load_node_data, run_classes
-    from fl_app.server_app import initial_model
 
     config = replace(
         RunConfig(),
@@ -443,11 +464,8 @@ def main() -> int:
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="fl_app-bench-") as tmp:
         root = Path(tmp)
-        # One start for every run: a random init drawn in each ServerApp may differ.
-        keras.utils.set_random_seed(config.seed)
-        model, _ = initial_model(config, nodes[0].train.image_shape, len(classes))
         start_weights = root / "start.weights.h5"
-        model.save_weights(start_weights)
+        model = save_start_weights(config, nodes[0].train.image_shape, len(classes), start_weights)
         apps = {False: REPO, True: baseline_app(root)}
         done: dict[str, str] = {}  # what a run was, as JSON: the name it ran under
         for name, (is_baseline, overrides, clients) in variants(args, sampled).items():

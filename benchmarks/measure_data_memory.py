@@ -4,7 +4,7 @@
 Writes (once; an existing folder is reused) a synthetic class-folder tree per size:
 ``--images`` JPEG files of 256x256 px (smooth random gradients, a disc and a little
 noise, quality 85, ~15 KB each) in 4 classes. For each size, ONE node's head-phase
-``client_app.train`` runs in a fresh process (peak RSS only grows), as a SuperNode's
+``client_task.train`` runs in a fresh process (peak RSS only grows), as a SuperNode's
 ClientApp process would: a real train Message carrying a random-weight global model,
 ``data-dir`` the tree, feature cache on (its folder in a temporary directory),
 ``max-examples-per-node=0`` (every image), batch 32. The process reports
@@ -111,12 +111,12 @@ def peak_rss_mb() -> float:
 
 
 def run_node(data_dir: Path, input_size: int, cache_dir: Path) -> dict[str, Any]:
-    """One head-phase ``client_app.train`` on ``data_dir`` in this process; its costs."""
+    """One head-phase ``client_task.train`` on ``data_dir`` in this process; its costs."""
     import keras
     import psutil
     from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-    from fl_app import client_app
+    from fl_app import client_task
     from fl_app.config import defaults
     from fl_app.data import CLASSES_KEY
     from fl_app.model import features as activations
@@ -172,7 +172,7 @@ def run_node(data_dir: Path, input_size: int, cache_dir: Path) -> dict[str, Any]
         run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config
     )
     start = time.perf_counter()
-    reply = client_app.train(msg, context)
+    reply = client_task.train(msg, context)
     seconds = time.perf_counter() - start
     metrics = reply.content["metrics"]
     return {

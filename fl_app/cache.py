@@ -20,7 +20,7 @@ import hashlib
 import io
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import WARNING
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -38,6 +38,16 @@ DEFAULT_CACHE_ROOT = "~/.cache/fl_app"
 def cache_root() -> Path:
     """``$FL_APP_CACHE_DIR`` if set, else ``~/.cache/fl_app``."""
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT).expanduser()
+
+
+def node_cache_dir(node_config: Mapping[str, Any]) -> Path:
+    """Where a node keeps activations, base models and its warm worker's files.
+
+    Node config ``cache-dir``, else the machine's (`cache_root`): every simulated
+    node and Ray actor of a machine shares that one.
+    """
+    folder = node_config.get("cache-dir")
+    return Path(str(folder)).expanduser() if folder else cache_root()
 
 
 # Ends every entry file, followed by the digest: a file without it was cut short,

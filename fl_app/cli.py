@@ -49,6 +49,10 @@ BENCHMARKS = {
         "noniid",
         "FedAvg, FedProx, FedAdam, FedAvgM against label skew, full Fashion-MNIST",
     ),
+    "time-to-accuracy": (
+        "time_to_accuracy",
+        "wall time to a server accuracy, ours against a quickstart-style baseline",
+    ),
 }
 REPO = Path(__file__).resolve().parents[1]
 # What `main` reports as one `error:` line: our own failures (DeploymentError,

@@ -59,6 +59,9 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 RESULTS_DIR_FIELDS = ("time", "run_id")
 # The Hydra group of keys the launcher sets per job rather than the user.
 LAUNCHER = "launcher"
+# A deployed node's own setting (--node-config), not the run's: whether its messages go
+# to a warm worker (`fl_app.node_worker`).
+WARM_WORKER_KEY = "warm-worker"
 
 
 @dataclass(frozen=True)

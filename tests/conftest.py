@@ -6,6 +6,8 @@ import io
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -106,6 +108,29 @@ def log_lines(text: str, pattern: str) -> list[str]:
     """Lines of a Flower log that match a regular expression (ANSI colours removed)."""
     plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
     return [line for line in plain.splitlines() if re.search(pattern, line)]
+
+
+def run_bench(name: str, cwd: Path, *args: str) -> str:
+    """Run ``fl-app bench NAME ARGS`` in ``cwd`` to its end (at most 15 min); its output.
+
+    Fails the test when it runs over or exits non-zero. A benchmark stops every
+    SuperLink it started, by PID, when terminated.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fl_app.cli", "bench", name, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        log, _ = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        log, _ = proc.communicate(timeout=120)
+        pytest.fail(f"fl-app bench {name} {' '.join(args)} ran over 15 min:\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
+    return log
 
 
 def message_metadata(src: int, dst: int, message_type: str = MessageType.TRAIN) -> Metadata:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_bench
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -31,20 +32,7 @@ ROWS = [
 @pytest.mark.slow
 def test_smallest_bench_prints_and_writes_every_row(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fl_app.cli", "bench", "client", "--smallest", "--json", str(out)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        log, _ = proc.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # the bench stops every SuperLink it started, by PID
-        log, _ = proc.communicate(timeout=120)
-        pytest.fail(f"bench.py --smallest ran over 15 min:\n{log[-3000:]}")
-    assert proc.returncode == 0, log[-3000:]
+    log = run_bench("client", tmp_path, "--smallest", "--json", str(out))
 
     result = json.loads(out.read_text())
     assert result["machine"]["cpu_count"] >= 1

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, message_metadata
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fl_app import client_app
+from fl_app import client_task
 from fl_app.cache import CACHE_ENV
 from fl_app.config import RunConfig
 from fl_app.data import CLASSES_KEY, PARTITION_FILE, load_node_data
@@ -119,7 +119,7 @@ def node(tmp_path_factory) -> dict[str, str]:
 
 def train(arrays, node_config, base=None, base_name=None, **run_config) -> Message:
     msg = message(arrays, round_config(), base, base_name)
-    reply = client_app.train(msg, context(node_config, **run_config))
+    reply = client_task.train(msg, context(node_config, **run_config))
     assert reply.metadata.reply_to_message_id == msg.metadata.message_id
     return reply
 
@@ -174,7 +174,7 @@ def test_the_feature_cache_changes_no_reply_array(initial, node, cached):
 def test_evaluate_reports_loss_and_accuracy_on_the_validation_split(initial, node, cached):
     msg = message(initial, evaluate_config(), message_type=MessageType.EVALUATE)
     # Training cached the validation features: evaluation runs the head on them.
-    reply = client_app.evaluate(msg, context(node))
+    reply = client_task.evaluate(msg, context(node))
     metrics = reply.content["metrics"]
     assert set(metrics) == {"num-examples", "eval_loss", "eval_accuracy", "skipped_images"}
     assert metrics["num-examples"] == VAL_SIZE
@@ -182,14 +182,14 @@ def test_evaluate_reports_loss_and_accuracy_on_the_validation_split(initial, nod
     assert 0 <= metrics["eval_accuracy"] <= 1
     assert not reply.content.array_records
 
-    full_model = client_app.evaluate(msg, context(node, **{"feature-cache": False}))
+    full_model = client_task.evaluate(msg, context(node, **{"feature-cache": False}))
     for key in ("eval_loss", "eval_accuracy"):
         assert full_model.content["metrics"][key] == pytest.approx(metrics[key], rel=1e-5)
 
 
 def test_fine_tune_phase_trains_conv5_and_the_head_but_not_batchnorm(initial, node):
     msg = message(initial, round_config(server_round=2, phase=FINE_TUNE, learning_rate=1e-4))
-    reply = client_app.train(msg, context(node))
+    reply = client_task.train(msg, context(node))
     trained = arrays_of(reply)
     changed = {k for k, a in trained.items() if not np.array_equal(a, initial[k].numpy())}
     # ResNet50's conv5 block is its last 32 layers: its convolutions train, its
@@ -204,7 +204,7 @@ def test_fine_tune_phase_trains_conv5_and_the_head_but_not_batchnorm(initial, no
 def test_a_simulated_node_evaluates_its_partition(initial, tmp_path):
     partition = {"partition-id": 0, "num-partitions": 2}
     msg = message(initial, evaluate_config(), message_type=MessageType.EVALUATE)
-    reply = client_app.evaluate(msg, context({**partition, "cache-dir": str(tmp_path)}))
+    reply = client_task.evaluate(msg, context({**partition, "cache-dir": str(tmp_path)}))
     expected = load_node_data(RunConfig.parse(RUN_CONFIG, check_files=False), FASHION, 0, 2)
     assert reply.content["metrics"]["num-examples"] == len(expected.val.y) > 0
     assert math.isfinite(reply.content["metrics"]["eval_loss"])
@@ -219,14 +219,14 @@ def test_simulated_nodes_share_the_machines_activation_cache_across_actors(
     passes = []
     compute = features.predict_within
     monkeypatch.setattr(
-        client_app, "predict_within", lambda *a, **k: passes.append(1) or compute(*a, **k)
+        client_task, "predict_within", lambda *a, **k: passes.append(1) or compute(*a, **k)
     )
     simulated = {"partition-id": 1, "num-partitions": 2}  # no data-dir, no cache-dir
 
     first = train(initial, simulated)
     assert len(passes) == 2  # the train and the validation split's pooled features
     assert len(list((tmp_path / "features").glob("*.npy"))) == 2
-    client_app._cache_store.cache_clear()  # the next actor: nothing in memory
+    client_task._cache_store.cache_clear()  # the next actor: nothing in memory
     second = train(initial, simulated)
 
     assert len(passes) == 2  # from disk: no new pass through the backbone
@@ -260,7 +260,7 @@ def test_bases_that_differ_only_in_the_head_share_the_activations(
     passes = []
     compute = features.predict_within
     monkeypatch.setattr(
-        client_app, "predict_within", lambda *a, **k: passes.append(1) or compute(*a, **k)
+        client_task, "predict_within", lambda *a, **k: passes.append(1) or compute(*a, **k)
     )
     here = {**node, "cache-dir": str(tmp_path)}
     other = ArrayRecord(
@@ -270,7 +270,7 @@ def test_bases_that_differ_only_in_the_head_share_the_activations(
     for base in (initial, other):
         head = ArrayRecord({k: a for k, a in base.items() if is_head_variable(k)})
         train(head, here, base=base)
-        client_app._cache_store.cache_clear()  # the next run's process: nothing in memory
+        client_task._cache_store.cache_clear()  # the next run's process: nothing in memory
 
     assert len(passes) == 2  # the first run's train and validation splits only
     assert len(list((tmp_path / "features").glob("*.npy"))) == 2
@@ -281,7 +281,7 @@ def test_a_base_that_does_not_match_its_hash_is_refused(initial, node, tmp_path)
     msg = message(head, round_config(), base=initial)
     msg.content["config"][BASE_HASH] = "0" * 40  # e.g. corrupted on the way
     with pytest.raises(ValueError, match="does not match its hash 000000000000"):
-        client_app.train(msg, context({**node, "cache-dir": str(tmp_path)}))
+        client_task.train(msg, context({**node, "cache-dir": str(tmp_path)}))
     assert not (tmp_path / "bases").exists() or not any((tmp_path / "bases").iterdir())
 
 
@@ -289,4 +289,4 @@ def test_a_node_without_the_base_named_asks_for_it(initial, node, tmp_path):
     head = ArrayRecord({k: a for k, a in initial.items() if is_head_variable(k)})
     msg = message(head, round_config(), base_name=base_hash(initial))
     with pytest.raises(LookupError, match="does not hold base model"):
-        client_app.train(msg, context({**node, "cache-dir": str(tmp_path)}))
+        client_task.train(msg, context({**node, "cache-dir": str(tmp_path)}))

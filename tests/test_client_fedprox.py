@@ -13,7 +13,7 @@ import pytest
 import test_client
 from test_client import arrays_of, context, message, round_config
 
-from fl_app import client_app
+from fl_app import client_task
 from fl_app.model.classifier import build_head, compile_model, reset_optimizer
 from fl_app.model.proximal import Proximal
 from fl_app.schedule import FINE_TUNE, HEAD
@@ -34,7 +34,7 @@ def distance(reply, received) -> float:
 def train(initial, node, phase: str, **run_config):
     msg = message(initial, round_config(phase=phase, learning_rate=1e-3))
     options = {"local-epochs": EPOCHS, **run_config}
-    return client_app.train(msg, context(node, **options))
+    return client_task.train(msg, context(node, **options))
 
 
 @pytest.fixture(scope="module")

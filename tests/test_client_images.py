@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from image_trees import write_tree
 from test_client import RUN_CONFIG
 
-from fl_app import client_app
+from fl_app import client_task
 from fl_app.data import CLASSES_KEY
 from fl_app.model.classifier import build_model, to_arrayrecord
 from fl_app.schedule import HEAD
@@ -55,7 +55,7 @@ def node_without_a_class(tmp_path_factory):
 def test_a_node_lacking_a_class_trains_with_the_run_classes_and_skips_a_corrupt_file(
     initial, node_without_a_class, tmp_path
 ):
-    reply = client_app.train(message(initial), context(node_without_a_class, tmp_path))
+    reply = client_task.train(message(initial), context(node_without_a_class, tmp_path))
     metrics = reply.content["metrics"]
     # 24 readable images + 1 corrupt; a quarter validates; the corrupt one is counted.
     assert metrics["skipped_images"] + metrics["num-examples"] == 19
@@ -63,7 +63,7 @@ def test_a_node_lacking_a_class_trains_with_the_run_classes_and_skips_a_corrupt_
     prediction_width = reply.content["arrays"]["predictions/bias"].numpy().shape
     assert prediction_width == (3,)  # the head has the run's 3 outputs
 
-    evaluated = client_app.evaluate(
+    evaluated = client_task.evaluate(
         message(initial, MessageType.EVALUATE), context(node_without_a_class, tmp_path)
     )
     total = evaluated.content["metrics"]
@@ -75,7 +75,7 @@ def test_a_folder_that_is_no_run_class_fails_the_node_with_one_line(initial, tmp
     data = write_tree(tmp_path / "data", 2, ["trouser"])
     shutil.copytree(data / "trouser", data / "fox")
     with pytest.raises(ValueError) as err:
-        client_app.train(message(initial), context(data, tmp_path / "cache"))
+        client_task.train(message(initial), context(data, tmp_path / "cache"))
     line = str(err.value)
     assert "\n" not in line and "fox" in line and "trouser, sac à main, ankle boot" in line
 
@@ -84,8 +84,8 @@ def test_an_empty_node_and_a_message_without_classes_fail_with_one_line(initial,
     empty = tmp_path / "empty"
     (empty / "trouser").mkdir(parents=True)
     with pytest.raises(ValueError, match="holds no examples") as err:
-        client_app.train(message(initial), context(empty, tmp_path / "cache"))
+        client_task.train(message(initial), context(empty, tmp_path / "cache"))
     assert "\n" not in str(err.value)
     data = write_tree(tmp_path / "data", 2, ["trouser"])
     with pytest.raises(ValueError, match="carries no class list"):
-        client_app.train(message(initial, classes=None), context(data, tmp_path / "cache"))
+        client_task.train(message(initial, classes=None), context(data, tmp_path / "cache"))

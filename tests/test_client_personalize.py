@@ -24,7 +24,7 @@ from test_client import (
     round_config,
 )
 
-from fl_app import client_app
+from fl_app import client_task
 from fl_app.schedule import FINE_TUNE
 
 initial = test_client.initial
@@ -36,7 +36,7 @@ EPOCHS = {"personalize-epochs": 3}
 
 def evaluate(arrays, node_config, **run_config) -> dict[str, float]:
     msg = message(arrays, evaluate_config(), message_type=MessageType.EVALUATE)
-    return dict(client_app.evaluate(msg, context(node_config, **run_config)).content["metrics"])
+    return dict(client_task.evaluate(msg, context(node_config, **run_config)).content["metrics"])
 
 
 def cache_files(node_config) -> dict[str, bytes]:
@@ -67,7 +67,7 @@ def test_personalized_evaluation_scores_a_fine_tuned_head_and_changes_nothing(
     # Nothing the global evaluation uses moved: the arrays, the global head, the cache.
     for key, array in initial.items():
         np.testing.assert_array_equal(array.numpy(), received[key], err_msg=key)
-    head = client_app._head(RUN_CONFIG["backbone"], len(FASHION))
+    head = client_task._head(RUN_CONFIG["backbone"], len(FASHION))
     for variable in head.weights:
         np.testing.assert_array_equal(variable.numpy(), received[variable.path])
     assert cache_files(node) == files
@@ -87,7 +87,7 @@ def test_personalization_after_fine_tuning_pools_the_cached_conv4_output(
 ):
     fresh = {**node, "cache-dir": str(tmp_path)}
     msg = message(initial, round_config(server_round=2, phase=FINE_TUNE, learning_rate=1e-4))
-    client_app.train(msg, context(fresh))
+    client_task.train(msg, context(fresh))
     files = cache_files(fresh)  # conv4's output for both splits
     from_images = evaluate(initial, fresh, **EPOCHS, **{"feature-cache": False})
 
@@ -95,7 +95,7 @@ def test_personalization_after_fine_tuning_pools_the_cached_conv4_output(
         raise AssertionError("the cached conv4 output was there: no image pass needed")
 
     # conv5 and pooling turn the cached conv4 output into the head's inputs.
-    monkeypatch.setattr(client_app, "_extractor", no_images)
+    monkeypatch.setattr(client_task, "_extractor", no_images)
     from_conv4 = evaluate(initial, fresh, **EPOCHS)
     for key in PERSONAL:
         assert from_conv4[key] == pytest.approx(from_images[key], rel=1e-4, abs=1e-5), key

@@ -33,6 +33,7 @@ from fl_app.deploy.commands import (
     register_keys,
     superlink_command,
     supernode_command,
+    supernode_env,
 )
 from fl_app.deploy.pki import (
     DEFAULT_HOSTS,
@@ -278,6 +279,10 @@ def supernode(
         Path | None,
         typer.Option(help="where cached activations and the base model are kept"),
     ] = None,
+    warm_worker: Annotated[
+        bool,
+        typer.Option(help="keep TensorFlow and the models loaded between messages"),
+    ] = True,
 ) -> int:
     """Run a SuperNode with TLS and node authentication, in the foreground.
 
@@ -286,13 +291,16 @@ def supernode(
     `fl-app deploy register`) and trains on its own data folder (partition.npz,
     or one subfolder of images per class). --port is the node's own Runtime API
     port, which its ClientApps connect to: every SuperNode on one machine needs
-    its own. The cache folder defaults to ~/.cache/fl_app. Stop it with Ctrl-C.
+    its own. The cache folder defaults to ~/.cache/fl_app. With --no-warm-worker
+    every message imports TensorFlow and builds the model in its own process
+    instead of handing it to the node's warm worker (which holds the memory of a
+    training process between rounds). Stop it with Ctrl-C.
     """
     check_address(superlink)
     check_supernode_inputs(ca, key, data_dir)
-    cmd = supernode_command(superlink, ca, key, data_dir, port, host, cache_dir)
+    cmd = supernode_command(superlink, ca, key, data_dir, port, host, cache_dir, warm_worker)
     print(f"$ {shlex.join(cmd)}", flush=True)
-    os.execve(cmd[0], cmd, processes.process_env())
+    os.execve(cmd[0], cmd, supernode_env())
     return 0  # not reached
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 
+from fl_app.config import WARM_WORKER_KEY
 from fl_app.deploy import DeploymentError
 from fl_app.deploy.pki import Certificates, certificate_hosts
 from fl_app.launch import processes
@@ -30,6 +31,10 @@ DEFAULT_FLEET_PORT = 9092
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # Flower's default port of a SuperNode's own (ClientApp-facing) Runtime API.
 DEFAULT_SUPERNODE_PORT = 9094
+# A SuperNode's SuperExec looks for new messages every second by default (Flower 1.42):
+# half a second of every deployed message's latency, on average.
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_SECONDS = "0.2"
 BIND_ALL = ("0.0.0.0", "::", "[::]")
 PUBLIC_KEY = "a node's public key (<name>.pub from `fl-app deploy node-keys`)"
 
@@ -64,18 +69,25 @@ def check_superlink_inputs(certs: Certificates) -> Certificates:
     return certs
 
 
-def node_config(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+def node_config(
+    data_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    warm_worker: bool = True,
+) -> str:
     """The ``--node-config`` value: ``data-dir="/abs/path"`` [``cache-dir="/abs/path"``].
 
-    ``cache-dir`` is where the node keeps cached activations and its base model
-    between its ClientApp processes (default ``~/.cache/fl_app``).
+    ``cache-dir`` is where the node keeps cached activations, its base model and
+    its warm worker's files between its ClientApp processes (default
+    ``~/.cache/fl_app``). Without ``warm_worker``, ``warm-worker=false``: every
+    message does its work in its own process (`fl_app.node_worker`).
     """
     entries = {"data-dir": data_dir, "cache-dir": cache_dir}
-    return " ".join(
+    paths = [
         f"{key}={_toml_string(str(Path(value).expanduser().resolve()))}"
         for key, value in entries.items()
         if value is not None
-    )
+    ]
+    return " ".join(paths if warm_worker else [*paths, f"{WARM_WORKER_KEY}=false"])
 
 
 def _toml_string(path: str) -> str:
@@ -145,6 +157,7 @@ def supernode_command(
     port: int = DEFAULT_SUPERNODE_PORT,
     host: str = "127.0.0.1",
     cache_dir: str | os.PathLike | None = None,
+    warm_worker: bool = True,
 ) -> list[str]:
     """The ``flower-supernode`` command line of an authenticated node over TLS.
 
@@ -165,6 +178,8 @@ def supernode_command(
         The address of that Runtime API.
     cache_dir : str or os.PathLike, optional
         Where the node caches activations of the frozen part (see `node_config`).
+    warm_worker : bool
+        Whether its messages go to a warm worker (see `node_config`).
 
     Returns
     -------
@@ -180,7 +195,7 @@ def supernode_command(
         "--auth-supernode-private-key",
         str(Path(private_key).expanduser().resolve()),
         "--node-config",
-        node_config(data_dir, cache_dir),
+        node_config(data_dir, cache_dir, warm_worker),
         "--host",
         host,
         "--port",
@@ -416,6 +431,7 @@ def start_supernode(
     log: str | os.PathLike = "supernode.log",
     env: Mapping[str, str] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    warm_worker: bool = True,
 ) -> psutil.Popen:
     """Start an authenticated SuperNode in the background; return its process.
 
@@ -425,7 +441,7 @@ def start_supernode(
 
     Parameters
     ----------
-    superlink, ca_cert, private_key, data_dir, port, host, cache_dir
+    superlink, ca_cert, private_key, data_dir, port, host, cache_dir, warm_worker
         See `supernode_command`.
     log : str or os.PathLike
         Its stdout and stderr (appended).
@@ -439,8 +455,19 @@ def start_supernode(
     """
     check_address(superlink)
     check_supernode_inputs(ca_cert, private_key, data_dir)
-    cmd = supernode_command(superlink, ca_cert, private_key, data_dir, port, host, cache_dir)
-    return processes.start(cmd, log=log, env=env)
+    cmd = supernode_command(
+        superlink, ca_cert, private_key, data_dir, port, host, cache_dir, warm_worker
+    )
+    return processes.start(cmd, log=log, env=supernode_env(env))
+
+
+def supernode_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A SuperNode's environment: ``env`` (default: this process's) with `process_env`'s PATH.
+
+    Its SuperExec polls for messages every `SUPEREXEC_POLL_SECONDS` unless ``env``
+    sets `SUPEREXEC_POLL_ENV`.
+    """
+    return {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_SECONDS, **processes.process_env(env)}
 
 
 def connect(

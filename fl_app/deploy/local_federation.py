@@ -55,6 +55,7 @@ class NodeProcess:
     port: int
     log: Path
     cache_dir: Path | None = None
+    warm_worker: bool = True
     proc: psutil.Process | None = None
     record: ProcessRecord | None = None
     node_id: int | None = None
@@ -71,6 +72,7 @@ class NodeProcess:
             "key": str(self.key.private),
             "data_dir": str(self.data_dir),
             "cache_dir": str(self.cache_dir) if self.cache_dir else None,
+            "warm_worker": self.warm_worker,
             "log": str(self.log),
         }
 
@@ -86,6 +88,7 @@ class NodeProcess:
             port=int(data["port"]),
             log=Path(data["log"]),
             cache_dir=Path(data["cache_dir"]) if data.get("cache_dir") else None,
+            warm_worker=bool(data.get("warm_worker", True)),
             proc=record.process() if record else None,
             record=record,
             node_id=data.get("node_id"),
@@ -140,6 +143,8 @@ class LocalFederation:
         Passed to `fl_app.data.prepare_node_dirs`.
     env : Mapping, optional
         Base environment of every process.
+    warm_worker : bool
+        Whether the nodes hand their messages to a warm worker (`fl_app.node_worker`).
     timeout : float
         Seconds to wait for the SuperLink, and for the nodes, to come up.
 
@@ -168,6 +173,7 @@ class LocalFederation:
     seed: int = 0
     max_examples: int = 0
     env: Mapping[str, str] | None = None
+    warm_worker: bool = True
     timeout: float = 120
     nodes: list[NodeProcess] = field(default_factory=list)
 
@@ -467,6 +473,7 @@ class LocalFederation:
             log=self.logs / f"supernode-{key.name}.log",
             # Each node's feature cache stays in the federation's folder.
             cache_dir=self.directory / "cache" / key.name,
+            warm_worker=self.warm_worker,
             registered=register,
         )
         check_supernode_inputs(self.certs.ca_cert, key.private, node.data_dir)
@@ -489,6 +496,7 @@ class LocalFederation:
                 log=node.log,
                 env=self._env(),
                 cache_dir=node.cache_dir,
+                warm_worker=node.warm_worker,
             )
             node.record = ProcessRecord.of(node.proc)
             self._started(node.record, node.name)
