@@ -86,31 +86,37 @@ def worker_dir(context: Context) -> Path:
 def forward(task: str, msg: Message, context: Context) -> Message:
     """Run ``task`` (train or evaluate) on ``msg`` in this node's warm worker; its reply.
 
-    Starts the worker if none answers. Log lines the worker wrote for this message
-    are logged here too, so they reach the SuperNode's log.
+    Starts the worker if none answers; if it ends before replying (killed, out of
+    memory, or ending on idle just as the message came), tries once more on a new one.
+    Log lines the worker wrote for this message are logged here too, so they reach
+    the SuperNode's log.
 
     Raises
     ------
     RuntimeError
-        If the worker does not start, or ends while working on the message.
+        If the worker does not start, or ends twice before replying.
     Exception
         What the task raised in the worker, re-raised here.
     """
     folder = worker_dir(context)
-    conn = _connect(folder)
-    if conn is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        with _locked(folder / "lock"):  # two messages at once start one worker
-            conn = _connect(folder) or _start(folder)
-    with conn:
-        conn.send((task, msg, context))
+    for attempt in range(2):
+        conn = _connect(folder)
+        if conn is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            with _locked(folder / "lock"):  # two messages at once start one worker
+                conn = _connect(folder) or _start(folder)
         try:
-            outcome, result, records = conn.recv()
+            with conn:
+                conn.send((task, msg, context))
+                outcome, result, records = conn.recv()
+            break
         except (EOFError, OSError):
-            raise RuntimeError(
-                f"the node's warm worker ended during the {task} message; "
-                f"its log: {folder / LOG_FILE}"
-            ) from None
+            if attempt:
+                raise RuntimeError(
+                    f"the node's warm worker ended twice during the {task} message; "
+                    f"its log: {folder / LOG_FILE}"
+                ) from None
+            log(logging.WARNING, "the node's warm worker ended during the %s message", task)
     for level, line in records:
         log(level, "%s", line)
     if outcome == "error":
@@ -222,7 +228,8 @@ def serve(folder: Path, watch: psutil.Process, idle_timeout: float) -> None:
     from fl_app import client_task  # TensorFlow: before the address, so ready means warm
 
     key = secrets.token_bytes(32)
-    listener = Listener(("127.0.0.1", 0), authkey=key)
+    # A backlog for messages that come while one is worked on (several runs at once).
+    listener = Listener(("127.0.0.1", 0), backlog=16, authkey=key)
     me = psutil.Process()
     address = {
         "port": listener.address[1],

@@ -11,7 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from multiprocessing.connection import Listener
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,9 @@ def deployed(node, tmp_path):
     config = {**node, "cache-dir": str(tmp_path / "cache")}
     yield config
     for address in (tmp_path / "cache").glob(f"workers/*/{node_worker.ADDRESS_FILE}"):
-        stop(json.loads(address.read_text())["pid"])
+        pid = json.loads(address.read_text())["pid"]
+        if pid != os.getpid():  # a test's stand-in worker is this process
+            stop(pid)
 
 
 def stop(pid: int) -> None:
@@ -89,6 +93,33 @@ def test_a_deployed_nodes_messages_go_to_one_warm_worker_and_get_the_same_replie
     np.testing.assert_array_equal(
         arrays_of(again)["predictions/bias"], arrays_of(in_process)["predictions/bias"]
     )
+
+
+def test_a_worker_that_ends_mid_message_is_replaced_and_the_message_runs_again(initial, deployed):
+    # A stand-in worker at the node's address: it takes the message and ends unanswered.
+    folder = node_worker.worker_dir(context(deployed))
+    folder.mkdir(parents=True)
+    key = os.urandom(32)
+    listener = Listener(("127.0.0.1", 0), authkey=key)
+    me = psutil.Process()
+    address = {"port": listener.address[1], "key": key.hex(), "pid": me.pid}
+    (folder / node_worker.ADDRESS_FILE).write_text(
+        json.dumps(address | {"created": me.create_time()})
+    )
+    taken = []
+
+    def end_mid_message() -> None:
+        with listener.accept() as conn:
+            taken.append(conn.recv()[0])
+        listener.close()
+
+    thread = threading.Thread(target=end_mid_message)
+    thread.start()
+    reply = client_app.train(message(initial, round_config()), context(deployed))
+    thread.join()
+    assert taken == ["train"]
+    assert worker_pid(deployed) != me.pid  # a real worker answered the second try
+    assert reply.content["metrics"]["num-examples"] > 0
 
 
 def test_what_the_task_raises_in_the_worker_is_raised_in_the_clientapp(initial, deployed):
