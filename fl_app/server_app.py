@@ -22,6 +22,7 @@ from fl_app.aggregation import Combiner
 from fl_app.config import DATASETS, RunConfig
 from fl_app.data import CLASSES_KEY, load_test_set, model_image_shape, run_classes
 from fl_app.evaluation import CentralEvaluation
+from fl_app.grid import PromptGrid
 from fl_app.model.backbones import BACKBONES, EFFICIENTNET_LITE0
 from fl_app.model.classifier import (
     build_model,
@@ -306,7 +307,8 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "Nothing to resume: %s already did %d rounds", run_dir, done)
         return
     strategy.start(
-        grid=grid,
+        # Replies picked up as they come, not on Flower's 3 s beat (fl_app.grid).
+        grid=PromptGrid(grid),
         initial_arrays=initial_arrays if initial_arrays is not None else to_arrayrecord(model),
         num_rounds=config.num_server_rounds,
         timeout=config.round_timeout,

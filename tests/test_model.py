@@ -11,7 +11,9 @@ from keras.applications import resnet50
 
 from fl_app.model.backbones import RESNET50
 from fl_app.model.classifier import (
+    STEPS_PER_EXECUTION,
     ImagePreprocessing,
+    build_head,
     build_model,
     compile_model,
     load_arrayrecord,
@@ -166,3 +168,27 @@ def test_augmentation_acts_in_training_only_and_trains_the_same_weights(model):
     assert {id(v) for v in augmented.weights} == {id(v) for v in model.weights}
     with pytest.raises(ValueError, match="augmentation='rotate' is not one of shift, flip-shift"):
         with_augmentation(model, "rotate")
+
+
+def test_several_steps_per_call_train_the_same_weights_as_one():
+    # 70 rows at batch 32: 3 steps, fewer than one call's STEPS_PER_EXECUTION.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((70, 64)).astype("float32")
+    y = rng.integers(0, 3, 70)
+    trained = []
+    for steps in (STEPS_PER_EXECUTION, 1):
+        keras.utils.set_random_seed(1)
+        head = build_head(3, 64)
+        compile_model(head, 1e-2)
+        if steps == 1:
+            head.compile(
+                optimizer=head.optimizer,
+                loss=head.loss,
+                metrics=["accuracy"],
+                steps_per_execution=1,
+            )
+        assert head.steps_per_execution == steps
+        head.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+        trained.append([w.numpy() for w in head.weights])
+    for several, one in zip(*trained, strict=True):
+        np.testing.assert_array_equal(several, one)
