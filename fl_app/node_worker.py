@@ -120,6 +120,9 @@ def forward(task: str, msg: Message, context: Context) -> Message:
     for level, line in records:
         log(level, "%s", line)
     if outcome == "error":
+        result.add_note(
+            f"raised in this node's warm worker; its traceback is in {folder / LOG_FILE}"
+        )
         raise result
     return result
 
@@ -134,9 +137,9 @@ def _locked(path: Path) -> Iterator[None]:
 def _address(folder: Path) -> dict[str, Any] | None:
     try:
         address = json.loads((folder / ADDRESS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return address if _alive(address["pid"], address["created"]) else None
+        return address if _alive(int(address["pid"]), float(address["created"])) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none yet, or not one a worker wrote: start one
 
 
 def _alive(pid: int, created: float) -> bool:
