@@ -26,7 +26,7 @@ FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 help:
 	@echo "make run        train: a local Flower simulation with the default run config"
 	@echo "make test       the full test suite (python -m pytest -q), ~22 min on 2 cores"
-	@echo "make test-fast  the tests not marked e2e, ~4 min on 2 cores"
+	@echo "make test-fast  the tests not marked e2e, ~5 min on 2 cores"
 	@echo "make test-faults  what make test leaves out: fault rehearsals, attack comparisons, benchmark smoke runs, ~14 min"
 	@echo "make lint       ruff check and ruff format --check"
 	@echo "make stop       stop the local SuperLink that 'make run' left running"
