@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import secrets
 import signal
 import subprocess
@@ -48,6 +49,7 @@ from flwr.common.logger import FLOWER_LOGGER
 
 from fl_app.cache import node_cache_dir
 from fl_app.config import WARM_WORKER_KEY
+from fl_app.launch.processes import ProcessRecord
 
 # Memory goes back to the node after this long without a message; the next one
 # pays the start-up again. Rounds are seconds to minutes apart.
@@ -58,6 +60,8 @@ WATCH_INTERVAL = 1.0
 ADDRESS_FILE = "address.json"
 LOG_FILE = "worker.log"
 TASKS = ("train", "evaluate")
+# The installed app this process imported (Flower installs each FAB in its own folder).
+APP_ROOT = Path(__file__).resolve().parents[1]
 
 
 def wanted(node_config: Mapping[str, Any]) -> bool:
@@ -78,8 +82,7 @@ def wanted(node_config: Mapping[str, Any]) -> bool:
 
 def worker_dir(context: Context) -> Path:
     """The worker folder of a node, for the app version this process imported."""
-    app_root = Path(__file__).resolve().parents[1]
-    key = hashlib.sha256(f"{app_root}\0{context.node_id}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{APP_ROOT}\0{context.node_id}".encode()).hexdigest()[:16]
     return node_cache_dir(context.node_config) / "workers" / key
 
 
@@ -137,17 +140,10 @@ def _locked(path: Path) -> Iterator[None]:
 def _address(folder: Path) -> dict[str, Any] | None:
     try:
         address = json.loads((folder / ADDRESS_FILE).read_text())
-        return address if _alive(int(address["pid"]), float(address["created"])) else None
-    except (OSError, ValueError, KeyError, TypeError):
+        worker = ProcessRecord.from_json(address)
+    except (OSError, ValueError, TypeError, AttributeError):
         return None  # none yet, or not one a worker wrote: start one
-
-
-def _alive(pid: int, created: float) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        return proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return address if worker is not None and worker.process() is not None else None
 
 
 def _connect(folder: Path) -> Connection | None:
@@ -162,11 +158,10 @@ def _connect(folder: Path) -> Connection | None:
 
 def _start(folder: Path) -> Connection:
     (folder / ADDRESS_FILE).unlink(missing_ok=True)
-    app_root = str(Path(__file__).resolve().parents[1])
     # The app version this process imported, which Flower installed outside sys.path's default.
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [app_root, os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_ROOT), os.environ.get("PYTHONPATH")])),
     }
     watched = psutil.Process(os.getppid())
     command = [
@@ -234,12 +229,7 @@ def serve(folder: Path, watch: psutil.Process, idle_timeout: float) -> None:
     # A backlog for messages that come while one is worked on (several runs at once).
     listener = Listener(("127.0.0.1", 0), backlog=16, authkey=key)
     me = psutil.Process()
-    address = {
-        "port": listener.address[1],
-        "key": key.hex(),
-        "pid": me.pid,
-        "created": me.create_time(),
-    }
+    address = {"port": listener.address[1], "key": key.hex(), **ProcessRecord.of(me).to_json()}
     partial = folder / f"{ADDRESS_FILE}.{me.pid}"
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -300,7 +290,7 @@ def _answer(conn: Connection, client_task: Any) -> None:
         FLOWER_LOGGER.removeHandler(records)
     try:
         conn.send((outcome, result, records.records))
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, pickle.PicklingError):
         # An exception that does not pickle: its type and text still reach the caller.
         if outcome == "error":
             with contextlib.suppress(OSError):
@@ -315,9 +305,10 @@ def main() -> None:
     parser.add_argument("--watch-created", type=float, required=True)
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT)
     args = parser.parse_args()
-    if not _alive(args.watch_pid, args.watch_created):
+    watched = ProcessRecord(args.watch_pid, args.watch_created).process()
+    if watched is None:
         sys.exit(f"process {args.watch_pid} to watch is not running")
-    serve(args.folder, psutil.Process(args.watch_pid), args.idle_timeout)
+    serve(args.folder, watched, args.idle_timeout)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import threading
 import time
+from multiprocessing import Pipe
 from multiprocessing.connection import Listener
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from test_client import context, message, round_config
 from fl_app import client_app, client_task, node_worker
 from fl_app.config import WARM_WORKER_KEY
 from fl_app.deploy.commands import node_config
+from fl_app.launch.processes import ProcessRecord
 
 initial = test_client.initial
 node = test_client.node
@@ -102,10 +105,8 @@ def test_a_worker_that_ends_mid_message_is_replaced_and_the_message_runs_again(i
     key = os.urandom(32)
     listener = Listener(("127.0.0.1", 0), authkey=key)
     me = psutil.Process()
-    address = {"port": listener.address[1], "key": key.hex(), "pid": me.pid}
-    (folder / node_worker.ADDRESS_FILE).write_text(
-        json.dumps(address | {"created": me.create_time()})
-    )
+    address = {"port": listener.address[1], "key": key.hex(), **ProcessRecord.of(me).to_json()}
+    (folder / node_worker.ADDRESS_FILE).write_text(json.dumps(address))
     taken = []
 
     def end_mid_message() -> None:
@@ -184,3 +185,23 @@ def test_an_idle_worker_ends_and_gives_its_memory_back(tmp_path):
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+class UnpicklableError(Exception):
+    def __reduce__(self):
+        raise pickle.PicklingError("not this one")
+
+
+class RaisesUnpicklable:
+    @staticmethod
+    def train(msg, context):
+        raise UnpicklableError("out of luck")
+
+
+def test_an_exception_that_does_not_pickle_reaches_the_clientapp_as_its_type_and_text():
+    clientapp_end, worker_end = Pipe()
+    clientapp_end.send(("train", None, None))
+    node_worker._answer(worker_end, RaisesUnpicklable)
+    outcome, error, _ = clientapp_end.recv()
+    assert outcome == "error"
+    assert isinstance(error, RuntimeError) and str(error) == "UnpicklableError: out of luck"
