@@ -80,12 +80,15 @@ SMALLEST = {
 class TreeRSS:
     """Peak of the summed RSS of a process and all its descendants, sampled with psutil.
 
-    ``peak_by_name`` splits the peak by process name.
+    ``peak_by_name`` splits the peak by process name. With ``pss`` it sums each
+    process's proportional set size instead: a page shared by n processes (TensorFlow's
+    libraries, a memory-mapped file) counts 1/n in each, so once in the sum (Linux only).
     """
 
-    def __init__(self, proc: psutil.Process, interval: float = 0.5) -> None:
+    def __init__(self, proc: psutil.Process, interval: float = 0.5, pss: bool = False) -> None:
         self.proc = proc
         self.interval = interval
+        self.pss = pss
         self.peak = 0
         self.peak_by_name: dict[str, int] = {}
         self._stop = threading.Event()
@@ -108,11 +111,11 @@ class TreeRSS:
                 return
 
     def sample(self) -> dict[str, int]:
-        """Bytes resident now by process name (shared pages count in each process)."""
+        """Bytes resident now by process name (RSS: shared pages count in each process)."""
         by_name: dict[str, int] = {}
         for proc in (self.proc, *descendants(self.proc)):
             try:
-                rss = proc.memory_info().rss
+                rss = proc.memory_full_info().pss if self.pss else proc.memory_info().rss
                 name = proc.name()
             except psutil.Error:
                 continue  # the process ended while we looked
@@ -142,19 +145,22 @@ def run_app(
     run_config: Mapping[str, Any],
     num_supernodes: int,
     env: Mapping[str, str] | None = None,
+    federation: Mapping[str, Any] | None = None,
+    pss: bool = False,
 ) -> dict[str, Any]:
-    """One run on a fresh local SuperLink: its rounds, wall time and peak tree RSS.
+    """One run on a fresh local SuperLink: its rounds, wall time and peak tree RSS (or PSS).
 
-    ``env`` is the environment of the SuperLink and all it starts (default: this process's).
+    ``env`` is the environment of the SuperLink and all it starts (default: this
+    process's); ``federation`` adds simulation settings (``client-resources-num-cpus``...).
     """
     out.mkdir(parents=True)
     log_file = out / "flower.log"
-    with LocalSuperLink(out / "flwr_home", env) as link, TreeRSS(link.proc) as rss:
+    with LocalSuperLink(out / "flwr_home", env) as link, TreeRSS(link.proc, pss=pss) as rss:
         started = time.monotonic()
         run_id = link.cli.submit(
             app_dir,
             {**run_config, "results-dir": str(out / "run")},
-            {"num-supernodes": num_supernodes},
+            {"num-supernodes": num_supernodes, **(federation or {})},
             config_file=out / "run_config.toml",
         )
         with log_file.open("w") as log:

@@ -446,7 +446,13 @@ def personalize(
     reset_optimizer(head, config.learning_rate)
     keras.utils.set_random_seed(seed)
     batches = Batches(train, config.batch_size, shuffle_seed=seed)
-    head.fit(batches, epochs=config.personalize_epochs, verbose=0)
+    head.fit(
+        batches,
+        epochs=config.personalize_epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=[batches.epoch_order()],
+    )
     loss, accuracy = head.evaluate(Batches(val, config.batch_size), verbose=0)
     return float(loss), float(accuracy)
 
@@ -500,7 +506,13 @@ def train(msg: Message, context: Context) -> Message:
     keras.utils.set_random_seed(seed)
     start = time.perf_counter()
     batches = Batches(inputs, config.batch_size, shuffle_seed=seed)
-    history = trainer.fit(batches, epochs=config.local_epochs, verbose=0)
+    history = trainer.fit(
+        batches,
+        epochs=config.local_epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=[batches.epoch_order()],
+    )
     train_time = time.perf_counter() - start
     # Reply with the keys that came; only those the model trained can have changed.
     trained = {variable.path: variable for variable in model.weights}

@@ -257,21 +257,19 @@ def summary(record: Mapping[str, Any], is_best: bool) -> str:
     return " | ".join(parts) or "no metrics"
 
 
-def _tensorboard_writer(run_dir: Path) -> Callable[[Mapping[str, Any]], None] | None:
-    """Write each round's numbers as TensorBoard scalars into the run folder."""
-    try:
-        import tensorboard  # noqa: F401  (tf.summary needs it; tensorflow-cpu lacks it)
-        import tensorflow as tf
-    except ImportError:
-        log(INFO, "No TensorFlow/TensorBoard: no event file (metrics.json has the numbers)")
-        return None
-    writer = tf.summary.create_file_writer(str(run_dir))
+def _tensorboard_writer(run_dir: Path) -> Callable[[Mapping[str, Any]], None]:
+    """Write each round's numbers as TensorBoard scalars into the run folder.
+
+    TensorBoard's own writer: it needs no TensorFlow, so the JAX backend keeps it.
+    """
+    from tensorboard.summary import Writer
+
+    writer = Writer(str(run_dir))
 
     def write(record: Mapping[str, Any]) -> None:
-        with writer.as_default(step=int(record["round"])):
-            for key, value in record.items():
-                if key != "round" and isinstance(value, int | float):
-                    tf.summary.scalar(key, float(value))
+        for key, value in record.items():
+            if key != "round" and isinstance(value, int | float):
+                writer.add_scalar(key, float(value), int(record["round"]))
         writer.flush()
 
     return write

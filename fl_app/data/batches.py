@@ -16,10 +16,14 @@ from fl_app.data.split import Split
 
 
 class Batches(keras.utils.PyDataset):
-    """``(images, labels)`` batches of a split, reshuffled every epoch when seeded.
+    """``(images, labels)`` batches of a split, in a seeded order per epoch when seeded.
 
     Images that do not decode are left out of their batch (each is warned about
-    once); a batch with none left is an error.
+    once); a batch with none left is an error. Fit with ``shuffle=False`` and the
+    `epoch_order` callback: epoch ``e``'s order is then drawn from ``(shuffle_seed, e)``
+    alone. Keras' own shuffle draws the batch order from Python's global ``random``, and
+    the JAX trainer's first ``fit`` of a model reads an extra epoch to build it: either
+    would make a node's result depend on what its process trained before.
     """
 
     def __init__(
@@ -27,9 +31,8 @@ class Batches(keras.utils.PyDataset):
     ) -> None:
         super().__init__()
         self.split, self.batch_size, self.labels = split, batch_size, labels
-        self._rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
-        self._order = np.arange(len(split))
-        self.on_epoch_end()
+        self._seed = shuffle_seed
+        self.set_epoch(0)
 
     def __len__(self) -> int:
         return math.ceil(len(self.split) / self.batch_size)
@@ -43,10 +46,19 @@ class Batches(keras.utils.PyDataset):
             return images
         return images, self.split.y[positions][ok]
 
-    def on_epoch_end(self) -> None:
-        """Draw the next epoch's order."""
-        if self._rng is not None:
-            self._order = self._rng.permutation(len(self.split))
+    def set_epoch(self, epoch: int) -> None:
+        """Order the batches as epoch ``epoch`` (0-based) of the seed; unseeded: as stored."""
+        n = len(self.split)
+        if self._seed is None:
+            self._order = np.arange(n)
+        else:
+            self._order = np.random.default_rng([self._seed, epoch]).permutation(n)
+
+    def epoch_order(self) -> keras.callbacks.Callback:
+        """The ``fit`` callback that sets each epoch's order before its batches are read."""
+        return keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs=None: self.set_epoch(epoch)
+        )
 
 
 def predict_rows(model: keras.Model, split: Split, batch_size: int) -> np.ndarray:

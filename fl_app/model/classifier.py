@@ -286,7 +286,7 @@ def reset_optimizer(model: keras.Model, learning_rate: float) -> None:
     model (to avoid a retrace) must not carry moments across rounds or clients.
     """
     for variable in model.optimizer.variables:
-        variable.assign(ops.zeros_like(variable))
+        variable.assign(ops.zeros(variable.shape, variable.dtype))
     model.optimizer.learning_rate.assign(learning_rate)
 
 

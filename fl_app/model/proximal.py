@@ -50,7 +50,8 @@ class Proximal(keras.Model):
         self._check_trainable()
         self.mu.assign(mu)
         for anchor, variable in zip(self.anchors, self.inner.trainable_variables, strict=True):
-            anchor.assign(variable)
+            # A copy: on JAX an assigned variable shares the buffer, which training donates.
+            anchor.assign(ops.copy(variable.value))
 
     def proximal_term(self):
         """μ/2·‖w - w_global‖² over the model's trainable weights (a scalar tensor)."""
