@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -51,3 +52,11 @@ def parse_with_smallest(
         for key, value in smallest.items():
             setattr(args, key, value)
     return args
+
+
+def write_report(args: argparse.Namespace, machine: Mapping[str, Any], **parts: Any) -> None:
+    """Write ``args.json``: the machine, the arguments (paths as text), then ``parts``."""
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    args.json.write_text(json.dumps({"machine": machine, "args": arguments, **parts}, indent=2))
+    print(f"\nwrote {args.json}")

@@ -46,7 +46,7 @@ import psutil
 # Runnable from a checkout without installing fl_app.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import parse_with_smallest
+from benchmarks import parse_with_smallest, write_report
 from fl_app.config import RunConfig
 from fl_app.data.split import Split
 from fl_app.launch.local_superlink import LocalSuperLink
@@ -513,20 +513,13 @@ def main() -> int:
         f"{args.memory_rounds} rounds; {os.cpu_count()} CPUs\n"
     )
     print(markdown(rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {
-                "machine": started_on,
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "bare_fit_images_per_second": bare,
-                "runs": runs,
-                "rows": [asdict(row) for row in rows],
-            },
-            indent=2,
-        )
+    write_report(
+        args,
+        started_on,
+        bare_fit_images_per_second=bare,
+        runs=runs,
+        rows=[asdict(row) for row in rows],
     )
-    print(f"\nwrote {args.json}")
     return 0
 
 

@@ -24,7 +24,6 @@ Usage: fl-app bench scale [--clients 10 100 1000 --per-round 100 --rounds 3]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -36,7 +35,7 @@ from typing import Any
 # Runnable from a checkout without installing fl_app.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import parse_with_smallest
+from benchmarks import parse_with_smallest, write_report
 from benchmarks.bench import GIB, REPO, machine, run_app
 from fl_app.cache import CACHE_ENV
 
@@ -146,19 +145,7 @@ def main() -> int:
         f"{MEMORY_TARGET_GIB:g} GiB at 1,000 clients, 100 per round.\n"
     )
     print(markdown(rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {
-                "machine": started_on,
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "rows": rows,
-                "runs": runs,
-            },
-            indent=2,
-        )
-    )
-    print(f"\nwrote {args.json}")
+    write_report(args, started_on, rows=rows, runs=runs)
     return 0
 
 

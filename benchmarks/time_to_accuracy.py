@@ -37,7 +37,6 @@ Usage: fl-app bench time-to-accuracy [--target 0.85 --rounds 4]   # the full set
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -50,7 +49,7 @@ from typing import Any
 # Runnable from a checkout without installing fl_app.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import parse_with_smallest
+from benchmarks import parse_with_smallest, write_report
 from benchmarks.bench import (
     QUICKSTART_SERVER,
     REPO,
@@ -279,20 +278,9 @@ def main() -> int:
         "the run to the end of the first round at the target.\n"
     )
     print(report(summaries, runs, found, args.target))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {
-                "machine": started_on,
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "summaries": summaries,
-                "ratios": [asdict(r) for r in found],
-                "runs": runs,
-            },
-            indent=2,
-        )
+    write_report(
+        args, started_on, summaries=summaries, ratios=[asdict(r) for r in found], runs=runs
     )
-    print(f"\nwrote {args.json}")
     return 0
 
 

@@ -27,7 +27,7 @@ from flwr.common import log
 from fl_app.cache import node_cache_dir
 from fl_app.config import RunConfig
 from fl_app.data import CLASSES_KEY, NodeData, load_data_dir, load_node_data, split_node_data
-from fl_app.data.batches import Batches, predict_rows, readable
+from fl_app.data.batches import Batches, fit_seeded, predict_rows, readable
 from fl_app.data.split import Split
 from fl_app.model.backbones import BACKBONES
 from fl_app.model.classifier import (
@@ -445,14 +445,7 @@ def personalize(
     head = load_part(_personal_head(config.backbone, shape[3]), arrays)
     reset_optimizer(head, config.learning_rate)
     keras.utils.set_random_seed(seed)
-    batches = Batches(train, config.batch_size, shuffle_seed=seed)
-    head.fit(
-        batches,
-        epochs=config.personalize_epochs,
-        verbose=0,
-        shuffle=False,
-        callbacks=[batches.epoch_order()],
-    )
+    fit_seeded(head, train, config.batch_size, seed, config.personalize_epochs)
     loss, accuracy = head.evaluate(Batches(val, config.batch_size), verbose=0)
     return float(loss), float(accuracy)
 
@@ -505,14 +498,7 @@ def train(msg: Message, context: Context) -> Message:
         trainer.anchor(mu)  # w_global: the weights as received this round
     keras.utils.set_random_seed(seed)
     start = time.perf_counter()
-    batches = Batches(inputs, config.batch_size, shuffle_seed=seed)
-    history = trainer.fit(
-        batches,
-        epochs=config.local_epochs,
-        verbose=0,
-        shuffle=False,
-        callbacks=[batches.epoch_order()],
-    )
+    history = fit_seeded(trainer, inputs, config.batch_size, seed, config.local_epochs)
     train_time = time.perf_counter() - start
     # Reply with the keys that came; only those the model trained can have changed.
     trained = {variable.path: variable for variable in model.weights}

@@ -19,11 +19,8 @@ class Batches(keras.utils.PyDataset):
     """``(images, labels)`` batches of a split, in a seeded order per epoch when seeded.
 
     Images that do not decode are left out of their batch (each is warned about
-    once); a batch with none left is an error. Fit with ``shuffle=False`` and the
-    `epoch_order` callback: epoch ``e``'s order is then drawn from ``(shuffle_seed, e)``
-    alone. Keras' own shuffle draws the batch order from Python's global ``random``, and
-    the JAX trainer's first ``fit`` of a model reads an extra epoch to build it: either
-    would make a node's result depend on what its process trained before.
+    once); a batch with none left is an error. Train on seeded batches with
+    `fit_seeded`, which keeps each epoch's order to ``(shuffle_seed, epoch)``.
     """
 
     def __init__(
@@ -54,11 +51,22 @@ class Batches(keras.utils.PyDataset):
         else:
             self._order = np.random.default_rng([self._seed, epoch]).permutation(n)
 
-    def epoch_order(self) -> keras.callbacks.Callback:
-        """The ``fit`` callback that sets each epoch's order before its batches are read."""
-        return keras.callbacks.LambdaCallback(
-            on_epoch_begin=lambda epoch, logs=None: self.set_epoch(epoch)
-        )
+
+def fit_seeded(
+    model: keras.Model, split: Split, batch_size: int, seed: int, epochs: int
+) -> keras.callbacks.History:
+    """``model.fit`` on ``split`` with epoch ``e``'s order drawn from ``(seed, e)`` alone.
+
+    Keras' own shuffle draws the batch order from Python's global ``random``, and the
+    JAX trainer's first ``fit`` of a model reads an extra epoch to build it (one more
+    ``on_epoch_end``): either would make a node's result depend on what its process
+    trained before. So Keras does not shuffle, and a callback sets each epoch's order.
+    """
+    batches = Batches(split, batch_size, shuffle_seed=seed)
+    order = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs=None: batches.set_epoch(epoch)
+    )
+    return model.fit(batches, epochs=epochs, verbose=0, shuffle=False, callbacks=[order])
 
 
 def predict_rows(model: keras.Model, split: Split, batch_size: int) -> np.ndarray:
