@@ -21,11 +21,12 @@ FLOWER_ENV := FLWR_HOME="$(CURDIR)/.flwr" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTAL
 FMNIST_FILE := train-images-idx3-ubyte.gz
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 
-.PHONY: help run test test-fast test-faults lint stop install data
+.PHONY: help run test test-jax test-fast test-faults lint stop install data
 
 help:
 	@echo "make run        train: a local Flower simulation with the default run config"
-	@echo "make test       the full test suite (python -m pytest -q), ~22 min on 2 cores"
+	@echo "make test       the full test suite (python -m pytest -q), then make test-jax, ~24 min on 2 cores"
+	@echo "make test-jax   the Message-level client tests on Keras' JAX backend (KERAS_BACKEND=jax python -m pytest -q -m jax), ~1.5 min"
 	@echo "make test-fast  the tests not marked e2e, ~5 min on 2 cores"
 	@echo "make test-faults  what make test leaves out: fault rehearsals, attack comparisons, benchmark smoke runs, ~14 min"
 	@echo "make lint       ruff check and ruff format --check"
@@ -37,6 +38,11 @@ run: install data
 
 test: install data
 	$(IN_VENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-jax
+
+# The app must also train on Keras' JAX backend (GPU machines: pip install -e ".[gpu]").
+test-jax: install data
+	$(IN_VENV) KERAS_BACKEND=jax $(BIN)/python -m pytest -q -m jax
 
 test-faults: install data
 	$(IN_VENV) $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

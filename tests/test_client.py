@@ -27,6 +27,9 @@ from fl_app.model.classifier import build_model, is_head_variable, to_arrayrecor
 from fl_app.schedule import FINE_TUNE, HEAD
 from fl_app.wire.exchange import BASE, BASE_HASH, base_hash
 
+# `make test` runs these again with KERAS_BACKEND=jax.
+pytestmark = pytest.mark.jax
+
 with (REPO / "pyproject.toml").open("rb") as file:
     PYPROJECT_RUN_CONFIG = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
 RUN_CONFIG = {

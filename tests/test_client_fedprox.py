@@ -18,6 +18,9 @@ from fl_app.model.classifier import build_head, compile_model, reset_optimizer
 from fl_app.model.proximal import Proximal
 from fl_app.schedule import FINE_TUNE, HEAD
 
+# `make test` runs these again with KERAS_BACKEND=jax.
+pytestmark = pytest.mark.jax
+
 initial = test_client.initial
 node = test_client.node
 # Enough Adam steps (2 batches x 4 epochs) for the pull towards w_global to show.

@@ -21,6 +21,9 @@ from fl_app.data import CLASSES_KEY
 from fl_app.model.classifier import build_model, to_arrayrecord
 from fl_app.schedule import HEAD
 
+# `make test` runs these again with KERAS_BACKEND=jax.
+pytestmark = pytest.mark.jax
+
 # The run's classes, in the order the server sent them: not the folders' sorted order.
 CLASSES = ["trouser", "sac à main", "ankle boot"]
 

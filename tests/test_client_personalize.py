@@ -27,6 +27,9 @@ from test_client import (
 from fl_app import client_task
 from fl_app.schedule import FINE_TUNE
 
+# `make test` runs these again with KERAS_BACKEND=jax.
+pytestmark = pytest.mark.jax
+
 initial = test_client.initial
 node = test_client.node
 cached = test_client.cached
