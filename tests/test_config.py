@@ -96,6 +96,8 @@ def test_every_group_option_composes_against_the_schema(group, option, tmp_path)
         ca = tmp_path / "ca.crt"
         ca.write_text("certificate")
         overrides.append(f"federation.root_certificates={ca}")
+    if option == "ray-cluster":
+        overrides.append("federation.ray_address=10.0.0.1:6379")
     if option == "images":  # the user's own folder: required
         (tmp_path / "photos" / "cat").mkdir(parents=True)
         overrides.append(f"dataset.name={tmp_path / 'photos'}")
@@ -114,7 +116,7 @@ def test_every_group_option_composes_against_the_schema(group, option, tmp_path)
     if group == "model":
         assert run_config["backbone"] == option
     if group == "federation":
-        assert cfg.federation.kind == option.split("-")[0]
+        assert cfg.federation.kind == option.removesuffix("-tls")
 
 
 def test_pyproject_declares_every_key_of_the_schema_with_its_type_and_default():
@@ -275,6 +277,14 @@ def test_a_results_dir_that_can_be_made_passes_and_is_not_made(tmp_path):
         (
             ["federation.num_supernodes=0"],
             "federation.num_supernodes=0 is not allowed: expected an integer >= 1",
+        ),
+        (
+            ["federation=ray-cluster"],
+            "federation.ray_address is missing: expected the Ray head's HOST:PORT",
+        ),
+        (
+            ["federation=ray-cluster", "federation.ray_address=head"],
+            "federation.ray_address='head' is not allowed: expected HOST:PORT of the Ray head",
         ),
         (["-m", "strategy.fraction_train=0.5,2.0"], "strategy.fraction_train=2.0 is not allowed"),
         (["partitioner=iid,dirichlet"], "sweep values (a,b) need multirun: add -m"),

@@ -6,9 +6,11 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -307,4 +309,70 @@ def test_a_killed_serverapp_fails_the_run_and_the_launcher(tmp_path):
     assert set(before) <= set(metrics)
     alive = [record for record in started if record is not None and record.process()]
     assert alive == [], "processes the launcher started are still running"
+    assert left_behind(tmp_path / "tmp") == set()
+
+
+def _actor_cpu_seconds(raylet: psutil.Process) -> float:
+    """CPU time of the ClientApp actors among a Ray node's workers (0 when none ran)."""
+    seconds = 0.0
+    for proc in raylet.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # a worker may end between the two calls
+            if proc.cmdline()[:1] == ["ray::ClientAppActor"]:
+                times = proc.cpu_times()
+                seconds += times.user + times.system
+    return seconds
+
+
+@pytest.mark.e2e
+def test_a_ray_cluster_federation_runs_client_actors_on_both_ray_nodes(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    # Two Ray nodes of one CPU each on this machine: one ClientApp actor fits on each.
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Unix socket paths stay short
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
+    try:
+        cluster.add_node(num_cpus=1)
+        raylets = [
+            psutil.Process(node.all_processes["raylet"][0].process.pid)
+            for node in cluster.list_all_nodes()
+        ]
+        out = tmp_path / "job"
+        log_path = tmp_path / "launcher.log"
+        with log_path.open("w") as log_file:
+            launcher = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fl_app.launch.experiment",
+                    *TINY,
+                    "federation=ray-cluster",
+                    f"federation.ray_address={cluster.address}",
+                    "federation.num_supernodes=2",
+                    f"hydra.run.dir={out}",
+                ],
+                cwd=tmp_path,
+                # A Ray temp dir of its own hides the cluster from Ray's search of this
+                # machine: only federation.ray_address can lead the run to it.
+                env={**launcher_env(tmp_path), "RAY_TMPDIR": ray_tmp},
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            actor_seconds = [0.0, 0.0]
+            while launcher.poll() is None:
+                # Actors end with the run: keep the most CPU time seen on each node.
+                seen = [_actor_cpu_seconds(raylet) for raylet in raylets]
+                actor_seconds = [max(a, b) for a, b in zip(actor_seconds, seen, strict=True)]
+                time.sleep(1)
+        finally:
+            if launcher.poll() is None:
+                processes.stop([psutil.Process(launcher.pid)], timeout=30)
+        assert launcher.returncode == 0, log_path.read_text()[-3000:]
+        assert json.loads((out / "status.json").read_text())["status"] == "completed"
+        assert all(seconds > 0 for seconds in actor_seconds), actor_seconds
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert left_behind(tmp_path / "tmp") == set()

@@ -37,7 +37,9 @@ from fl_app.launch.sweep import check_target_accuracy, summarize_sweep, summary_
 
 APP_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = APP_DIR / "conf"
-FEDERATION_KINDS = ("simulation", "deployment")
+FEDERATION_KINDS = ("simulation", "ray-cluster", "deployment")
+# Kinds the launcher runs on its own local SuperLink, on Flower's Ray simulation engine.
+SIMULATION_KINDS = ("simulation", "ray-cluster")
 # Run-config keys that may name a file or folder on the launcher's machine.
 PATH_KEYS = ("dataset", "test-data", "classes", "resume")
 
@@ -55,6 +57,8 @@ class FederationConfig:
     num_supernodes: int = 2
     client_num_cpus: int = 2
     client_num_gpus: float = 0.0
+    # ray-cluster: the simulation's actors run on a Ray cluster started with `ray start`
+    ray_address: str | None = None
     # deployment
     address: str | None = None
     insecure: bool = False
@@ -128,7 +132,9 @@ def _check_federation(fed: DictConfig) -> None:
             f"federation.kind={fed.kind!r} is not allowed: expected one of "
             + ", ".join(FEDERATION_KINDS)
         )
-    if fed.kind == "simulation":
+    if fed.kind in SIMULATION_KINDS:
+        if fed.kind == "ray-cluster":
+            _check_ray_address(fed.ray_address)
         if fed.num_supernodes < 1:
             raise ValueError(
                 f"federation.num_supernodes={fed.num_supernodes} is not allowed: "
@@ -150,6 +156,21 @@ def _check_federation(fed: DictConfig) -> None:
                 f"federation.root_certificates={fed.root_certificates!r} is not a file: "
                 "expected the CA certificate of the SuperLink (or federation.insecure=true)"
             )
+
+
+def _check_ray_address(address: str | None) -> None:
+    # A `???` left unset composes as the schema's None.
+    if address is None:
+        raise ValueError(
+            "federation.ray_address is missing: expected the Ray head's HOST:PORT "
+            "(`ray start --head` prints it; port 6379 by default), or auto on a cluster node"
+        )
+    host, _, port = address.rpartition(":")
+    if address != "auto" and (not host or not port.isdigit()):
+        raise ValueError(
+            f"federation.ray_address={address!r} is not allowed: expected HOST:PORT of the "
+            "Ray head, or auto"
+        )
 
 
 def _one_line(err: BaseException) -> str:
@@ -216,8 +237,11 @@ def _run_job(cfg: DictConfig, output_dir: Path) -> None:
     failure = "the launcher stopped before Flower reported the run's end"
     started = time.monotonic()
     try:
-        if fed.kind == "simulation":
-            superlink = LocalSuperLink(flwr_home)
+        if fed.kind in SIMULATION_KINDS:
+            # Flower's ray.init() joins the cluster RAY_ADDRESS names instead of starting one.
+            ray_cluster = fed.kind == "ray-cluster"
+            env = {**os.environ, "RAY_ADDRESS": fed.ray_address} if ray_cluster else None
+            superlink = LocalSuperLink(flwr_home, env=env)
             context: contextlib.AbstractContextManager = superlink
             cli = superlink.cli
             federation_config = {
@@ -247,7 +271,7 @@ def _run_job(cfg: DictConfig, output_dir: Path) -> None:
         failure = "interrupted: the launcher stopped the run"
         # The simulation's SuperLink context already stopped its runs; a deployment
         # SuperLink is not ours to stop, but our run on it is.
-        if fed.kind != "simulation" and cli is not None and run_id is not None:
+        if fed.kind not in SIMULATION_KINDS and cli is not None and run_id is not None:
             with contextlib.suppress(FlowerCLIError):  # it may have ended meanwhile
                 cli.stop(run_id)
         raise
