@@ -148,7 +148,9 @@ def run_app(
     federation: Mapping[str, Any] | None = None,
     pss: bool = False,
 ) -> dict[str, Any]:
-    """One run on a fresh local SuperLink: its rounds, wall time and peak tree RSS (or PSS).
+    """One run on a fresh local SuperLink: rounds, wall time, peak tree RSS (``peak_rss``).
+
+    With ``pss`` the peak is of PSS instead (``peak_pss``, see `TreeRSS`).
 
     ``env`` is the environment of the SuperLink and all it starts (default: this
     process's); ``federation`` adds simulation settings (``client-resources-num-cpus``...).
@@ -171,11 +173,12 @@ def run_app(
         tail = log_file.read_text()[-3000:]
         raise RuntimeError(f"run {run_id} {status.status}: {status.details}\n{tail}")
     rounds = json.loads((out / "run" / "metrics.json").read_text())["rounds"][1:]
+    measure = "pss" if pss else "rss"
     return {
         "rounds": rounds,
         "wall_time": wall_time,
-        "peak_rss": rss.peak,
-        "peak_rss_by_process": rss.peak_by_name,
+        f"peak_{measure}": rss.peak,
+        f"peak_{measure}_by_process": rss.peak_by_name,
     }
 
 

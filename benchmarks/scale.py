@@ -75,8 +75,8 @@ def summary(clients: int, sampled: int, run: dict[str, Any]) -> dict[str, Any]:
     return {
         "clients": clients,
         "sampled": sampled,
-        "peak_pss_gib": run["peak_rss"] / GIB,
-        "peak_by_process_gib": {k: v / GIB for k, v in run["peak_rss_by_process"].items()},
+        "peak_pss_gib": run["peak_pss"] / GIB,
+        "peak_by_process_gib": {k: v / GIB for k, v in run["peak_pss_by_process"].items()},
         "round_1_s": rounds[0]["round_time"],
         "later_rounds_s": statistics.mean(r["round_time"] for r in rounds[1:]),
         "wall_time_s": run["wall_time"],

@@ -25,6 +25,7 @@ from logging import WARNING
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+import numpy as np
 import psutil
 from flwr.app import ArrayRecord
 from flwr.common import log
@@ -264,6 +265,49 @@ class Store:
         self._memory.move_to_end(key)
         while sum(self.codec.size(v) for v in self._memory.values()) > self.memory_bytes:
             self._memory.popitem(last=False)
+
+
+def _read_npy(file: IO[bytes]) -> np.ndarray:
+    return np.load(file, allow_pickle=False)
+
+
+def _write_npy(file: IO[bytes], array: np.ndarray) -> None:
+    np.save(file, array, allow_pickle=False)
+
+
+class MappedArrays(Store):
+    """Arrays that every process of a machine maps from one ``.npy`` file.
+
+    A simulation runs many ClientApp actors on a machine, each of which would
+    otherwise decode and hold its own copy of a dataset: mapped read-only, the
+    pages are the page cache's, held once however many processes read them.
+    A file is verified against its checksum once per process before it is
+    mapped (its trailer follows the array, where ``np.load`` does not look).
+    """
+
+    codec = Codec(".npy", _read_npy, _write_npy, lambda array: array.nbytes)
+
+    def __init__(self, max_bytes: int, folder: Path) -> None:
+        super().__init__(max_bytes, folder, memory_bytes=0)
+
+    def mapped(self, key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
+        """The array of ``key``, memory-mapped; ``build()`` makes and stores it on a miss.
+
+        When the file cannot be written or mapped (a read-only or full disk, an
+        eviction meanwhile), this process keeps its own built array instead.
+        """
+        path = self.path(key)
+        built = None
+        if self._verified(key, path) is None:
+            self._drop_stale_partials(key)
+            built = build()
+            self.put(key, built)
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            return build() if built is None else built
+        _touch(path)
+        return array
 
 
 def _touch(path: Path) -> None:

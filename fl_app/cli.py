@@ -77,7 +77,8 @@ def prepare(
     SuperNode on it with --node-config 'data-dir="/abs/OUT/node-0"'. Existing
     node data is never overwritten.
     """
-    from fl_app.data import DATASETS, PARTITION_FILE, PARTITIONERS, prepare_node_dirs
+    from fl_app.config import DATASETS, PARTITIONERS
+    from fl_app.data import PARTITION_FILE, prepare_node_dirs
 
     for option, value, allowed in (
         ("--dataset", dataset, DATASETS),

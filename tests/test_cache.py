@@ -22,7 +22,8 @@ from flwr.app import Array, ArrayRecord
 # test_client's model, deployed node and clean-cache reply (module fixtures, shared here).
 from test_client import arrays_of, cached, initial, node, train  # noqa: F401
 
-from fl_app.cache import CHECKSUM_MAGIC, TRAILER_BYTES, Store, entry_checksum
+from fl_app.cache import CHECKSUM_MAGIC, TRAILER_BYTES, MappedArrays, Store, entry_checksum
+from fl_app.data.partition import PartitionStore
 from fl_app.model.classifier import is_head_variable
 from fl_app.model.features import FeatureCache
 from fl_app.wire.exchange import BASE_DISK_BYTES, BaseStore, base_hash
@@ -42,8 +43,17 @@ def _base() -> ArrayRecord:
     )
 
 
+def _partitions() -> list[np.ndarray]:
+    rows = np.random.default_rng(2).permutation(50)
+    return [rows[:7], rows[7:7], rows[7:]]  # an empty partition too
+
+
 def _assert_same(value, expected) -> None:
-    if isinstance(expected, ArrayRecord):
+    if isinstance(expected, list):
+        assert len(value) == len(expected)
+        for got, want in zip(value, expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+    elif isinstance(expected, ArrayRecord):
         assert list(value.keys()) == list(expected.keys())
         for key in expected:
             np.testing.assert_array_equal(value[key].numpy(), expected[key].numpy(), err_msg=key)
@@ -59,6 +69,12 @@ STORES = {
         _base,
         lambda file, record: np.savez(file, **{k: a.numpy() for k, a in record.items()}),
     ),
+    "partitions": (
+        PartitionStore,
+        _partitions,
+        lambda file, parts: np.savez(file, rows=np.concatenate(parts)),
+    ),
+    "decoded datasets": (MappedArrays, _features, np.save),
 }
 
 
@@ -215,6 +231,52 @@ def test_a_file_that_cannot_be_written_is_a_warning_and_stays_in_memory(tmp_path
     assert store.get(KEY) is value
     [warning] = [record.getMessage() for record in flwr_warnings]
     assert "could not be written" in warning
+
+
+def _counting(value: np.ndarray) -> tuple[Callable[[], np.ndarray], list[int]]:
+    calls: list[int] = []
+
+    def build() -> np.ndarray:
+        calls.append(1)
+        return value.copy()
+
+    return build, calls
+
+
+def test_mapped_arrays_are_built_once_then_every_process_maps_the_file(tmp_path, flwr_warnings):
+    value = _features()
+    build, calls = _counting(value)
+    first = MappedArrays(1 << 20, tmp_path).mapped(KEY, build)
+    again = MappedArrays(1 << 20, tmp_path).mapped(KEY, build)  # the next process
+    assert len(calls) == 1
+    for array in (first, again):
+        assert isinstance(array, np.memmap) and not array.flags.writeable
+        assert Path(array.filename) == tmp_path / f"{KEY}.npy"
+        _assert_same(array, value)
+    # The checksum trailer after the array is not part of it.
+    assert (tmp_path / f"{KEY}.npy").stat().st_size == 128 + value.nbytes + TRAILER_BYTES
+    assert not flwr_warnings
+
+
+def test_a_damaged_mapped_file_is_rebuilt_before_it_is_mapped(tmp_path, flwr_warnings):
+    value = _features()
+    build, calls = _counting(value)
+    MappedArrays(1 << 20, tmp_path).mapped(KEY, build)
+    _flip_middle_byte(tmp_path / f"{KEY}.npy")
+    _assert_same(MappedArrays(1 << 20, tmp_path).mapped(KEY, build), value)
+    assert len(calls) == 2
+    [warning] = [record.getMessage() for record in flwr_warnings]
+    assert "does not match its checksum" in warning
+
+
+def test_mapped_arrays_without_a_writable_folder_are_the_processs_own(tmp_path, flwr_warnings):
+    folder = tmp_path / "not-a-folder"
+    folder.write_bytes(b"")
+    value = _features()
+    array = MappedArrays(1 << 20, folder).mapped(KEY, _counting(value)[0])
+    assert not isinstance(array, np.memmap)
+    _assert_same(array, value)
+    assert "could not be written" in flwr_warnings[0].getMessage()
 
 
 # The client's side: a deployed node whose cache-dir was damaged between two messages.

@@ -43,7 +43,7 @@ def compose(*overrides: str):
 
 def test_groups_are_the_documented_ones():
     assert GROUPS == {
-        "federation": ["deployment", "deployment-tls", "simulation"],
+        "federation": ["deployment", "deployment-tls", "ray-cluster", "simulation"],
         "model": ["efficientnet_lite0", "resnet50"],
         "dataset": ["cifar10", "fashion_mnist", "images", "mnist"],
         "partitioner": ["dirichlet", "iid"],

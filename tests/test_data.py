@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from image_trees import DEMO_CLASSES, write_tree
 
+from fl_app.cache import CACHE_ENV
 from fl_app.config import RunConfig, defaults
 from fl_app.data import (
     load_data_dir,
@@ -15,10 +20,10 @@ from fl_app.data import (
     load_test_set,
     prepare_node_dirs,
     run_classes,
-    split_indices,
     split_node_data,
 )
 from fl_app.data.builtin import CLASS_NAMES, DEBIAN_FASHION_MNIST, IDX_FILES, load_builtin, read_idx
+from fl_app.data.partition import split_indices
 
 FASHION = CLASS_NAMES["fashion_mnist"]
 
@@ -207,3 +212,43 @@ def test_a_test_data_folder_is_the_server_test_set_spread_over_its_classes(tmp_p
     # A tree without test/ gives the server no test set, and says so.
     none, why = load_test_set(run_config(dataset=str(tmp_path / "train")), classes)
     assert none is None and "has no test split" in why
+
+
+# One ClientApp actor of a simulation: its node's rows, and where its images live.
+ACTOR = """
+import json, sys
+from fl_app.config import RunConfig, defaults
+from fl_app.data import _partitions, load_node_data, run_classes
+from fl_app.data.builtin import load_builtin
+config = RunConfig.parse({**defaults(), "partitioner": "dirichlet", "dirichlet-alpha": 0.3})
+classes = run_classes(config)
+load_node_data(config, classes, 7, 1000)
+images = load_builtin("fashion_mnist").train.x
+print(json.dumps({
+    "rows": _partitions(config, classes, 1000)[7].tolist(),
+    "images": str(images.filename), "writeable": images.flags.writeable,
+    "partitioned here": "datasets" in sys.modules,
+}))
+"""
+
+
+@needs_fmnist
+def test_a_machine_decodes_and_partitions_once_and_its_processes_share_the_files(tmp_path):
+    env = {**os.environ, CACHE_ENV: str(tmp_path)}
+    first, second = (
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", ACTOR], env=env, capture_output=True, text=True, check=True
+            ).stdout.splitlines()[-1]
+        )
+        for _ in range(2)
+    )
+    # Only the first process ran the Dirichlet split (it imports Hugging Face datasets).
+    assert first["partitioned here"] and not second["partitioned here"]
+    labels = load_builtin("fashion_mnist").train.y
+    expected = split_indices(labels, "dirichlet", 1000, alpha=0.3, seed=defaults()["seed"])[7]
+    assert first["rows"] == second["rows"] == expected.tolist()
+    # Both map the one decoded file, read-only, instead of holding a copy each.
+    assert first["images"] == second["images"]
+    assert first["images"].startswith(str(tmp_path / "datasets"))
+    assert not first["writeable"] and not second["writeable"]

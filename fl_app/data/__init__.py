@@ -26,7 +26,6 @@ from fl_app.config import (
     HUB_ID,
     NO_TEST_DATA,
     OWN_TEST_SPLIT,
-    PARTITIONERS,
     RunConfig,
     is_path,
     parse_classes,
@@ -34,6 +33,7 @@ from fl_app.config import (
 from fl_app.data import hub
 from fl_app.data.builtin import CLASS_NAMES, load_builtin
 from fl_app.data.images import FileSource, folder_classes, scan_class_folders, split_folders
+from fl_app.data.partition import shared_partitions, split_indices
 from fl_app.data.split import ArraySource, Source, Split
 
 # The message ConfigRecord key of the run's class list (the server sends it every round).
@@ -159,53 +159,12 @@ def _train_source(config: RunConfig, classes: tuple[str, ...]) -> Source:
     return source
 
 
-def split_indices(
-    labels: np.ndarray,
-    partitioner: str,
-    num_partitions: int,
-    alpha: float = 0.5,
-    seed: int = 0,
-) -> list[np.ndarray]:
-    """Split row indices ``0..len(labels)`` into disjoint, complete partitions.
-
-    ``iid`` is the stride split ``i::n``; ``dirichlet`` draws each partition's
-    label mix from Dir(alpha) with flwr-datasets' ``DirichletPartitioner``.
-    """
-    if partitioner not in PARTITIONERS:
-        raise ValueError(f"partitioner={partitioner!r} is not one of: {', '.join(PARTITIONERS)}")
-    if num_partitions < 1:
-        raise ValueError(f"num-partitions={num_partitions} must be >= 1")
-    if partitioner == "iid":
-        return [np.arange(i, len(labels), num_partitions) for i in range(num_partitions)]
-    if alpha <= 0:
-        raise ValueError(f"dirichlet-alpha={alpha} must be > 0")
-    # Deferred: flwr-datasets pulls in HF datasets, pandas and pyarrow.
-    from datasets import Dataset as HFDataset
-    from flwr_datasets.partitioner import DirichletPartitioner
-
-    dirichlet = DirichletPartitioner(
-        num_partitions=num_partitions,
-        partition_by="label",
-        alpha=alpha,
-        min_partition_size=0,
-        seed=seed,
-    )
-    # Partition a label + row-index table only; images never go through Arrow.
-    dirichlet.dataset = HFDataset.from_dict(
-        {"label": np.asarray(labels, np.int64), "row": np.arange(len(labels))}
-    )
-    return [
-        np.asarray(dirichlet.load_partition(i)["row"], dtype=np.int64)
-        for i in range(num_partitions)
-    ]
-
-
 @functools.cache
 def _partitions(
     config: RunConfig, classes: tuple[str, ...], num_partitions: int
 ) -> list[np.ndarray]:
     labels = _train_source(config, classes).labels
-    return split_indices(
+    return shared_partitions(
         labels, config.partitioner, num_partitions, config.dirichlet_alpha, config.seed
     )
 

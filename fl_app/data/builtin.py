@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from fl_app.cache import MappedArrays, cache_root
 from fl_app.config import DATASETS
 
 # Class names by label index, as each dataset's documentation gives them.
@@ -52,6 +54,8 @@ IDX_FILES = {
     "y_test": "t10k-labels-idx1-ubyte.gz",
 }
 # IDX type codes (http://yann.lecun.com/exdb/mnist/) mapped to big-endian dtypes.
+# Decoded datasets, one file per array, mapped by every process of the machine.
+DECODED_MAX_BYTES = 2 << 30
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -115,6 +119,21 @@ def _from_keras(name: str) -> Builtin:
     return Builtin(_arrays(x_train, y_train), _arrays(x_test, y_test))
 
 
+def _mapped_idx(name: str, folder: Path) -> dict[str, np.ndarray]:
+    """A folder's IDX files, decoded once per machine and memory-mapped.
+
+    Entries are keyed by a digest of the compressed files: other files, another key.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for file in IDX_FILES.values():
+        digest.update((folder / file).read_bytes())
+    store = MappedArrays(DECODED_MAX_BYTES, cache_root() / "datasets")
+    return {
+        key: store.mapped(f"{name}-{key}-{digest.hexdigest()}", lambda f=file: read_idx(folder / f))
+        for key, file in IDX_FILES.items()
+    }
+
+
 @functools.cache
 def load_builtin(name: str) -> Builtin:
     """Load a built-in dataset by name: ``fashion_mnist``, ``mnist`` or ``cifar10``.
@@ -128,7 +147,7 @@ def load_builtin(name: str) -> Builtin:
     if name == "fashion_mnist":
         for folder in fashion_mnist_dirs():
             if all((folder / f).is_file() for f in IDX_FILES.values()):
-                arrays = {k: read_idx(folder / f) for k, f in IDX_FILES.items()}
+                arrays = _mapped_idx(name, folder)
                 return Builtin(
                     _arrays(arrays["x_train"], arrays["y_train"]),
                     _arrays(arrays["x_test"], arrays["y_test"]),
