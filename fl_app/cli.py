@@ -49,6 +49,7 @@ BENCHMARKS = {
         "noniid",
         "FedAvg, FedProx, FedAdam, FedAvgM against label skew, full Fashion-MNIST",
     ),
+    "secagg": ("secagg_cost", "seconds and bytes per round of SecAgg+ against plain FedAvg"),
     "scale": ("scale", "peak memory and round time of 10, 100 and 1,000 virtual clients"),
     "time-to-accuracy": (
         "time_to_accuracy",

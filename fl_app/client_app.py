@@ -15,11 +15,13 @@ from flwr.clientapp import ClientApp
 
 from fl_app import node_worker
 from fl_app.privacy import dp_clip_mod
+from fl_app.secagg import secagg_mod
 from fl_app.wire.compression import compression_mod
 
 # The mods run in this process, around the hand-over: the worker sees decompressed
-# messages and its replies are clipped and compressed here.
-app = ClientApp(mods=[compression_mod, dp_clip_mod])
+# messages and its replies are clipped and compressed here. SecAgg+ comes first: its
+# stage messages carry no model, and it masks the reply the others made.
+app = ClientApp(mods=[secagg_mod, compression_mod, dp_clip_mod])
 
 
 @app.train()

@@ -39,6 +39,8 @@ STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
 # Client-level differential privacy: off, clipped on the server, or on the node.
 DP_MODES = ("none", "server", "client")
+# Secure aggregation of the train replies: off, or Flower's SecAgg+ protocol.
+SECURE_AGGREGATIONS = ("none", "secagg+")
 WEIGHT_FILE_SUFFIXES = (".keras", ".weights.h5", ".h5")
 # A Hugging Face hub dataset id: owner/name.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -333,6 +335,55 @@ class RunConfig:
         "dp",
         "target_epsilon",
     )
+    # Secure aggregation (Flower's SecAgg+): the server learns only the sum of the updates.
+    secure_aggregation: str = key(
+        "none",
+        "`secagg+`: each node masks its clipped update with Flower's SecAgg+ protocol, so the "
+        "server learns only the weighted sum ([privacy](docs/privacy.md#secure-aggregation)).",
+        one_of(SECURE_AGGREGATIONS),
+        "secure_aggregation",
+        "mode",
+    )
+    secagg_num_shares: int = key(
+        0,
+        "secagg+: shares each node's secrets are split into, one per neighbour (0 = every "
+        "sampled node is a neighbour).",
+        Rule(lambda v: v == 0 or v >= 3, "0 (all sampled nodes) or an integer >= 3"),
+        "secure_aggregation",
+        "num_shares",
+    )
+    secagg_threshold: int = key(
+        0,
+        "secagg+: shares that reconstruct a secret; a node needs this many neighbours to stay, "
+        "and this many must collude with the server to unmask it (0 = two thirds of the shares).",
+        Rule(lambda v: v == 0 or v >= 2, "0 (two thirds of the shares) or an integer >= 2"),
+        "secure_aggregation",
+        "threshold",
+    )
+    secagg_clipping_range: float = key(
+        8.0,
+        "secagg+: each node clips its update to this L2 norm (`dp-clip` with `dp=client`), so "
+        "every coordinate lies within ±it, where it is quantized to 2^22 levels.",
+        above(0),
+        "secure_aggregation",
+        "clipping_range",
+    )
+    secagg_max_weight: float = key(
+        10000.0,
+        "secagg+: the largest `num-examples` a node may weigh its update by (a node with more "
+        "refuses to send); smaller is more precise. Unused with `dp=client` (all weigh 1).",
+        above(0),
+        "secure_aggregation",
+        "max_weight",
+    )
+    secagg_timeout: int = key(
+        0,
+        "secagg+: seconds each of the protocol's four stages waits for replies, training "
+        "included: at least the slowest node's training (0 = round-timeout).",
+        at_least(0),
+        "secure_aggregation",
+        "timeout",
+    )
     # Local training.
     local_epochs: int = key(1, "Epochs each node trains per round.", at_least(1))
     batch_size: int = key(32, "Batch size of local training and evaluation.", at_least(1))
@@ -543,6 +594,8 @@ class RunConfig:
                     f"{self.dp!r}: expected 'trainable' (noise is added to what travels, and "
                     "the frozen backbone must not get any)"
                 )
+        if self.secure_aggregation != "none":
+            self._check_secure_aggregation(name)
         if not check_files:
             return
         for spec_name, value in (("dataset", self.dataset), ("test-data", self.test_data)):
@@ -570,6 +623,41 @@ class RunConfig:
             raise ValueError(
                 f"{name('results-dir')}={self.results_dir!r} is not allowed: "
                 f"{folder} is not a writable folder"
+            )
+
+    def _check_secure_aggregation(self, name: Callable[[str], str]) -> None:
+        mode = f"{name('secure-aggregation')}={self.secure_aggregation!r}"
+        refusals = {
+            "compression": (
+                self.compression != "none",
+                "'none' (a masked upload is integers the server cannot decompress)",
+            ),
+            "aggregation": (
+                self.aggregation != "mean",
+                "'mean' (under masking only the sum exists; no coordinate-wise rule can run)",
+            ),
+            "dp": (
+                self.dp == "server",
+                "'client' or 'none' (the server never sees a single update to clip)",
+            ),
+        }
+        for key_name, (refused, expected) in refusals.items():
+            if refused:
+                value = getattr(self, key_name.replace("-", "_"))
+                raise ValueError(
+                    f"{name(key_name)}={value!r} is not allowed with {mode}: expected {expected}"
+                )
+        if self.secagg_num_shares and self.secagg_threshold >= self.secagg_num_shares:
+            raise ValueError(
+                f"{name('secagg-threshold')}={self.secagg_threshold} is not allowed with "
+                f"{name('secagg-num-shares')}={self.secagg_num_shares}: expected fewer "
+                "shares to reconstruct a secret than there are"
+            )
+        if self.dp == "client" and self.secagg_clipping_range < self.dp_clip:
+            raise ValueError(
+                f"{name('secagg-clipping-range')}={self.secagg_clipping_range:g} is not allowed "
+                f"with {name('dp-clip')}={self.dp_clip:g}: expected at least dp-clip (a "
+                "clipped update's coordinates lie within ±dp-clip)"
             )
 
     @property

@@ -36,6 +36,7 @@ from fl_app.model.efficientnet_lite import imagenet_weights_file
 from fl_app.privacy import PrivacyBudget
 from fl_app.run_folder import RunFolder, load_checkpoint
 from fl_app.schedule import TransferSchedule
+from fl_app.secagg import SecAggPlusRound
 from fl_app.server_opt import ServerOptimizer
 from fl_app.strategy import TransferFedAvg
 from fl_app.wire.exchange import ServerExchange
@@ -280,6 +281,18 @@ def main(grid: Grid, context: Context) -> None:
     if checkpoint is not None:
         server_optimizer.load_state(checkpoint.state_arrays)
     log(INFO, "Strategy %s%s", config.strategy, _strategy_settings(config, server_optimizer))
+    secure = None
+    if config.secure_aggregation == "secagg+":
+        secure = SecAggPlusRound(config)
+        log(
+            INFO,
+            "Secure aggregation: SecAgg+, updates clipped to L2 %g on the nodes, max weight %g, "
+            "%g s per stage; the server sees only their weighted mean, so "
+            "max-update-norm-ratio and max-examples-ratio do not apply",
+            secure.bound,
+            secure.workflow.max_weight,
+            secure.timeout,
+        )
     strategy = TransferFedAvg(
         schedule=TransferSchedule.from_config(config),
         folder=folder,
@@ -297,6 +310,7 @@ def main(grid: Grid, context: Context) -> None:
         dp_clip=config.dp_clip,
         privacy=privacy,
         server_optimizer=server_optimizer,
+        secure=secure,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_train_nodes,

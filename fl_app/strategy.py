@@ -4,7 +4,8 @@
 stock FedAvg, but first rejects malformed replies (one log line each, naming
 the node) and keeps the previous global model when too few valid replies are
 left. It combines updates robustly on request (`fl_app.aggregation`) or with
-client-level differential privacy (`fl_app.privacy`). What each node is sent
+client-level differential privacy (`fl_app.privacy`), or learns only the sum of the
+updates under secure aggregation (`fl_app.secagg`). What each node is sent
 and how replies decode is the wire's (`fl_app.wire.exchange.ServerExchange`);
 what a run leaves behind is the run folder's (`fl_app.run_folder.RunFolder`).
 """
@@ -19,7 +20,15 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -28,6 +37,7 @@ from fl_app import aggregation
 from fl_app.privacy import PrivacyBudget, clip, noise_std, noised_mean
 from fl_app.run_folder import RunFolder
 from fl_app.schedule import TransferSchedule
+from fl_app.secagg import CLIPPED, SecAggPlusRound, SecureResult, log_dropped
 from fl_app.server_opt import ServerOptimizer
 from fl_app.wire.exchange import ServerExchange
 
@@ -104,6 +114,10 @@ class TransferFedAvg(FedAvg):
         Without it, no update is clipped or noised.
     server_optimizer : ServerOptimizer, optional
         Turns the combined update into the next global arrays (default: FedAvg's step).
+    secure : SecAggPlusRound, optional
+        Secure aggregation: train messages go through SecAgg+, and the server gets
+        only the weighted mean of the nodes' clipped updates, which it checks as a
+        whole (no reply can be validated, screened or capped alone).
     **kwargs
         Passed to ``FedAvg`` (fractions, minimum nodes).
 
@@ -122,6 +136,7 @@ class TransferFedAvg(FedAvg):
         dp_clip: float = 1.0,
         privacy: PrivacyBudget | None = None,
         server_optimizer: ServerOptimizer | None = None,
+        secure: SecAggPlusRound | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -136,6 +151,8 @@ class TransferFedAvg(FedAvg):
         self.dp_clip = dp_clip
         self.privacy = privacy
         self.server_optimizer = server_optimizer or ServerOptimizer()
+        self.secure = secure
+        self._secure_result: SecureResult | None = None
         # Noise must be unpredictable: from the OS, never from the run's seed.
         self._noise_rng = np.random.default_rng()
         self.global_arrays = ArrayRecord()
@@ -284,8 +301,52 @@ class TransferFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Combine the valid replies' updates; reject the rest, one line per node."""
         server_round += self.rounds_done
-        sampled = len(self._sent)
         reference = [array.numpy().astype(np.float64) for array in self.wire.sent.values()]
+        if self._secure_result is not None:
+            combined = self._combine_secure(server_round, self._secure_result)
+            self._secure_result = None
+        else:
+            combined = self._combine_replies(server_round, replies, reference)
+        if combined is None:
+            self._round["model_updated"] = False
+            return None, None
+        update, metric_records = combined
+        keys = list(self.wire.sent.keys())
+        stepped = self.server_optimizer.step(
+            server_round,
+            dict(zip(keys, reference, strict=True)),
+            dict(zip(keys, update, strict=True)),
+        )
+        # Arrays that did not travel stay the very same objects (bases share them).
+        new_global = ArrayRecord(
+            {
+                key: Array(stepped[key].astype(array.dtype)) if key in stepped else array
+                for key, array in self.global_arrays.items()
+            }
+        )
+        train_metrics = self.train_metrics_aggr_fn(metric_records, self.weighted_by_key)
+        self._round["model_updated"] = True
+        self._round.update({k: float(v) for k, v in train_metrics.items()})
+        return new_global, train_metrics
+
+    def _too_few(self, server_round: int, accepted: int) -> bool:
+        """Whether ``accepted`` replies are too few to update the model (then said in a line)."""
+        if accepted and accepted >= self.min_train_nodes:
+            return False
+        log(
+            WARNING,
+            "Round %d: %d valid replies (minimum %d); keeping the previous global model",
+            server_round,
+            accepted,
+            self.min_train_nodes,
+        )
+        return True
+
+    def _combine_replies(
+        self, server_round: int, replies: Iterable[Message], reference: list[np.ndarray]
+    ) -> tuple[aggregation.Update, list[RecordDict]] | None:
+        """Check every reply, screen and combine the updates; ``None``: keep the model."""
+        sampled = len(self._sent)
         nodes: list[int] = []
         updates: list[aggregation.Update] = []
         metric_records: list[RecordDict] = []
@@ -334,52 +395,110 @@ class TransferFedAvg(FedAvg):
         self._round.update(
             train_replies=accepted, rejected_replies=rejected, skipped_images=skipped
         )
-        if accepted == 0 or accepted < self.min_train_nodes:
+        if self._too_few(server_round, accepted):
+            return None
+        if self.privacy is not None:
+            clipped = sum(clip(update, self.dp_clip) > self.dp_clip for update in updates)
+            total = [sum(arrays) for arrays in zip(*updates, strict=True)]
+            return self._private_mean(total, sampled, int(clipped)), metric_records
+        claims = [float(r["metrics"][self.weighted_by_key]) for r in metric_records]
+        combined, capped = self.combiner.combine(updates, claims)
+        if capped:
+            self._round["capped_claims"] = capped
+        return combined, metric_records
+
+    def _combine_secure(
+        self, server_round: int, result: SecureResult
+    ) -> tuple[aggregation.Update, list[RecordDict]] | None:
+        """Check the unmasked mean as a whole; ``None`` (keep the model) when it fails."""
+        assert self.secure is not None
+        sampled = len(self._sent)
+        self._sent = []
+        log_dropped(server_round, result)
+        for node in result.dropped:
+            self.wire.forget(node)  # it may hold nothing of what it was sent
+        for node in result.nodes:
+            self.wire.received_from(node, 0)
+        self.wire.stats["bytes_received"] += result.bytes_up
+        metric_records = []
+        for node, fitres in result.replies:
+            metrics = MetricRecord({k: v for k, v in fitres.metrics.items() if k != CLIPPED})
+            problem = _metric_problem(metrics, TRAIN_METRICS, self.weighted_by_key)
+            if problem is not None:  # its update is in the sum already; only its numbers go
+                log(
+                    WARNING, "Round %d: node %d's metrics left out: %s", server_round, node, problem
+                )
+                continue
+            metric_records.append(
+                RecordDict({"metrics": _trimmed(metrics, TRAIN_METRICS, self.weighted_by_key)})
+            )
+        self._round.update(
+            train_replies=len(result.nodes),
+            secagg_dropped=len(result.dropped),
+            secagg_clipped=sum(int(f.metrics.get(CLIPPED, 0)) for _, f in result.replies),
+        )
+        if result.mean is None:
             log(
                 WARNING,
-                "Round %d: %d valid replies (minimum %d); keeping the previous global model",
+                "Round %d: %s; keeping the previous global model",
                 server_round,
-                accepted,
-                self.min_train_nodes,
+                result.failure,
             )
-            self._round["model_updated"] = False
-            return None, None
+            return None
+        if self._too_few(server_round, len(result.nodes)):
+            return None
+        problem = self._mean_problem(result.mean)
+        if problem is not None:
+            log(
+                WARNING,
+                "Round %d: the unmasked mean %s; keeping the previous global model",
+                server_round,
+                problem,
+            )
+            return None
+        mean = [np.asarray(a, np.float64) for a in result.mean]
+        self._round["update_norm_mean"] = aggregation.update_norm(mean)
         if self.privacy is not None:
-            combined = self._private_mean(updates, sampled)
-        else:
-            claims = [float(r["metrics"][self.weighted_by_key]) for r in metric_records]
-            combined, capped = self.combiner.combine(updates, claims)
-            if capped:
-                self._round["capped_claims"] = capped
-        keys = list(self.wire.sent.keys())
-        stepped = self.server_optimizer.step(
-            server_round,
-            dict(zip(keys, reference, strict=True)),
-            dict(zip(keys, combined, strict=True)),
-        )
-        # Arrays that did not travel stay the very same objects (bases share them).
-        new_global = ArrayRecord(
-            {
-                key: Array(stepped[key].astype(array.dtype)) if key in stepped else array
-                for key, array in self.global_arrays.items()
-            }
-        )
-        train_metrics = self.train_metrics_aggr_fn(metric_records, self.weighted_by_key)
-        self._round["model_updated"] = True
-        self._round.update({k: float(v) for k, v in train_metrics.items()})
-        return new_global, train_metrics
+            # Every node weighed 1: the mean times the nodes is the sum of clipped updates.
+            total = [a * len(result.nodes) for a in mean]
+            return self._private_mean(total, sampled, None), metric_records
+        return mean, metric_records
 
-    def _private_mean(self, updates: list[aggregation.Update], sampled: int) -> aggregation.Update:
-        """Clip every update, sum them, add the noise, divide by the nodes sampled; count ε."""
+    def _mean_problem(self, mean: list[np.ndarray]) -> str | None:
+        """Why the unmasked mean cannot be the round's update, or ``None``.
+
+        Every node clipped its update to the bound, so their weighted mean lies
+        within it; twice the bound leaves room for the quantization's error. A node
+        that sends the largest value everywhere moves every coordinate and far
+        exceeds it.
+        """
+        assert self.secure is not None
+        shapes = [tuple(array.shape) for array in self.wire.sent.values()]
+        if [tuple(np.shape(a)) for a in mean] != shapes:
+            return "has shapes other than the round's arrays"
+        if not all(np.isfinite(a).all() for a in mean):
+            return "contains NaN or Inf"
+        norm = aggregation.update_norm([np.asarray(a, np.float64) for a in mean])
+        if norm > 2 * self.secure.bound:
+            return f"has L2 norm {norm:.4g} > twice the nodes' clip bound {self.secure.bound:g}"
+        return None
+
+    def _private_mean(
+        self, total: aggregation.Update, sampled: int, clipped: int | None
+    ) -> aggregation.Update:
+        """The noised mean of a sum of clipped updates over the nodes sampled; count ε.
+
+        ``clipped`` is how many updates the server had to clip (``None`` when it
+        never saw them: under secure aggregation the nodes clip).
+        """
         assert self.privacy is not None
-        clipped = sum(clip(update, self.dp_clip) > self.dp_clip for update in updates)
-        total = [sum(arrays) for arrays in zip(*updates, strict=True)]
         noised = noised_mean(
             total, sampled, self.privacy.noise_multiplier, self.dp_clip, self._noise_rng
         )
         self.privacy.rounds += 1
+        if clipped is not None:
+            self._round["dp_clipped"] = clipped
         self._round.update(
-            dp_clipped=int(clipped),
             dp_noise_std=noise_std(self.privacy.noise_multiplier, self.dp_clip, sampled),
             dp_epsilon=self.privacy.epsilon,
             dp_delta=self.privacy.delta,
@@ -466,6 +585,8 @@ class TransferFedAvg(FedAvg):
             self._end_round(server_round, arrays, server_metrics)
             return server_metrics
 
+        if self.secure is not None:
+            grid = _SecureTrainGrid(grid, self._train_securely)  # type: ignore[assignment]
         status = "failed"
         result = Result()
         try:
@@ -489,6 +610,12 @@ class TransferFedAvg(FedAvg):
             self.folder.write_metrics(status)
         return result
 
+    def _train_securely(self, grid: Grid, messages: list[Message]) -> None:
+        """Run the round's train messages through SecAgg+; `aggregate_train` takes the result."""
+        assert self.secure is not None
+        shapes = [tuple(array.shape) for array in self.wire.sent.values()]
+        self._secure_result = self.secure.run(grid, messages, self._round["round"], shapes)
+
     def _end_round(
         self, server_round: int, arrays: ArrayRecord, server_metrics: MetricRecord | None
     ) -> None:
@@ -507,6 +634,31 @@ class TransferFedAvg(FedAvg):
             state,
             self.server_optimizer.state(),
         )
+
+
+class _SecureTrainGrid:
+    """The grid FedAvg's round loop talks to under secure aggregation.
+
+    Train messages run the SecAgg+ protocol (``train``) instead of one exchange,
+    and no reply comes back: what the round learns is the protocol's result.
+    Everything else goes to ``grid`` unchanged.
+    """
+
+    def __init__(self, grid: Grid, train: Callable[[Grid, list[Message]], None]) -> None:
+        self.grid = grid
+        self.train = train
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.train(self.grid, messages)
+            return []
+        return self.grid.send_and_receive(messages, timeout=timeout)
 
 
 def _trimmed(metrics: MetricRecord, keys: Iterable[str], weight_key: str) -> MetricRecord:

@@ -19,7 +19,7 @@ from pathlib import Path
 import tomli_w
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import log
 
 from fl_app.client_app import app as fl_app_client
@@ -58,31 +58,36 @@ def adversary_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     return reply
 
 
-app = ClientApp(mods=[adversary_mod])
+def behind(mod: Mod) -> ClientApp:
+    """fl_app's ClientApp, its own mods included, behind one more mod."""
+    wrapped = ClientApp(mods=[mod])
+
+    @wrapped.train()
+    def train(msg: Message, context: Context) -> Message:
+        return fl_app_client(msg, context)
+
+    @wrapped.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return fl_app_client(msg, context)
+
+    return wrapped
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """fl_app's train, through fl_app's own mods."""
-    return fl_app_client(msg, context)
+app = behind(adversary_mod)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """fl_app's evaluate, through fl_app's own mods."""
-    return fl_app_client(msg, context)
-
-
-def write_app(folder: Path) -> Path:
-    """Write a Flower app folder whose ClientApp is this module's; return the folder.
+def write_app(folder: Path, module: Path = Path(__file__)) -> Path:
+    """Write a Flower app folder whose ClientApp is ``module``'s ``app``; return the folder.
 
     Its ``[tool.flwr.app]`` is the repository's with the ClientApp swapped, so the
     ServerApp and every run-config key and default stay the repository's.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    here = Path(__file__).resolve()
-    shutil.copy(here, folder / "adversary.py")
-    repo = tomllib.loads((here.parents[1] / "pyproject.toml").read_text())
+    module = module.resolve()
+    # Other faulty apps build on this module's `behind`.
+    for source in {module, Path(__file__).resolve()}:
+        shutil.copy(source, folder / source.name)
+    repo = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     project = {k: repo["project"][k] for k in ("version", "description", "license")}
     flwr_app = repo["tool"]["flwr"]["app"]
     pyproject = {
@@ -92,7 +97,7 @@ def write_app(folder: Path) -> Path:
             "flwr": {
                 "app": {
                     **flwr_app,
-                    "components": {**flwr_app["components"], "clientapp": "adversary:app"},
+                    "components": {**flwr_app["components"], "clientapp": f"{module.stem}:app"},
                 }
             }
         },

@@ -65,11 +65,17 @@ class SimulationRunner:
         self.cli = cli
         self.link = link
 
-    def run(self, results_dir: Path, run_config: dict[str, object], num_supernodes: int = 2):
+    def run(
+        self,
+        results_dir: Path,
+        run_config: dict[str, object],
+        num_supernodes: int = 2,
+        app_dir: Path = REPO,
+    ):
         results_dir.mkdir(parents=True, exist_ok=True)
         run_dir = results_dir / "run"
         run_id = self.cli.submit(
-            REPO,
+            app_dir,
             {"results-dir": str(run_dir), **run_config},
             {"num-supernodes": num_supernodes},
             config_file=results_dir / "run_config.toml",

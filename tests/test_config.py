@@ -49,6 +49,7 @@ def test_groups_are_the_documented_ones():
         "partitioner": ["dirichlet", "iid"],
         "strategy": ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox", "fedyogi"],
         "dp": ["client", "none", "server"],
+        "secure_aggregation": ["none", "secagg+"],
     }
     assert PRESETS == {
         "experiment": ["noniid"],

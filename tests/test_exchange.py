@@ -146,7 +146,9 @@ def _rounds(run) -> list[dict]:
     return json.loads((run.run_dir / "metrics.json").read_text())["rounds"]
 
 
+# Two runs (~90 s): in make test-faults, to keep make test within CI's budget.
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_trainable_only_exchange_gives_the_global_model_of_full_exchange(superlink, tmp_path):
     start = tmp_path / "start.weights.h5"
     keras.utils.set_random_seed(0)

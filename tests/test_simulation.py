@@ -68,6 +68,8 @@ def test_two_rounds_on_two_supernodes_write_metrics_and_a_loadable_model(superli
     assert accuracy == pytest.approx(rounds[-1]["server_accuracy"], abs=1e-6)
 
 
+# Two 3-round runs (~90 s): in make test-faults, to keep make test within CI's budget.
+@pytest.mark.slow
 def test_the_activation_cache_changes_no_result(superlink, tmp_path):
     # Round 2 trains the head on cached features, round 3 conv5 on cached conv4 output.
     # Both runs start from one weights file, so the cache is all that differs.

@@ -173,11 +173,13 @@ class ServerExchange:
         if msg.has_error():
             self.forget(node)
             return
+        self.received_from(node, sum(r.count_bytes() for r in msg.content.array_records.values()))
+
+    def received_from(self, node: int, nbytes: int) -> None:
+        """Count ``nbytes`` that ``node`` sent; it now holds the base it was sent, if any."""
         if node in self._pending:
             self._holders[node] = self._pending.pop(node)
-        self.stats["bytes_received"] = self.stats.get("bytes_received", 0) + sum(
-            r.count_bytes() for r in msg.content.array_records.values()
-        )
+        self.stats["bytes_received"] = self.stats.get("bytes_received", 0) + nbytes
 
     def forget(self, node: int) -> None:
         """Send ``node`` its base again next time: it failed, or did not answer."""

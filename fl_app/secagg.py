@@ -1,0 +1,364 @@
+"""Secure aggregation of the train replies with Flower's SecAgg+ protocol.
+
+The server learns only the weighted sum of the nodes' updates. Flower (1.42) ships
+the protocol for its legacy API only: ``SecAggPlusWorkflow`` wants a
+``LegacyContext`` and a legacy strategy, and ``secaggplus_mod`` a legacy ``FitRes``
+reply. Here the workflow's four stage methods run one round's train messages, with a
+stand-in for the legacy strategy that names the sampled nodes and catches the
+unmasked result (`SecAggPlusRound`); on the node, `secagg_mod` turns fl_app's train
+reply into the clipped update in the ``FitRes`` layout Flower's mod masks.
+
+What this depends on in Flower is pinned in pyproject (``flwr>=1.42,<1.43``) and
+tested (tests/test_secagg.py): the stage methods and ``WorkflowState``, the
+``secaggplus_configs`` record and its ``masked_parameters`` key, and the legacy
+record layout of ``FitIns``/``FitRes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any, NamedTuple
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import (
+    Code,
+    FitIns,
+    FitRes,
+    Parameters,
+    Status,
+    bytes_to_ndarray,
+    log,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+
+from fl_app.config import RunConfig
+from fl_app.privacy import clip
+
+# Flower's quantization levels and mask modulus (its defaults): sums of up to
+# 2^32 / 2^22 = 1,024 nodes cannot overflow.
+QUANTIZATION_RANGE = 2**22
+MODULUS_RANGE = 2**32
+# The reply metric that says whether the node had to clip its update.
+CLIPPED = "secagg_clipped"
+# Reply key of the examples count in fl_app's train MetricRecord.
+NUM_EXAMPLES = "num-examples"
+
+
+# ---- the node ------------------------------------------------------------------
+
+
+def update_bound(config: RunConfig) -> float:
+    """The L2 norm a node clips its update to: ``dp-clip`` under ``dp=client``."""
+    return config.dp_clip if config.dp == "client" else config.secagg_clipping_range
+
+
+def checked_update(received: ArrayRecord, returned: ArrayRecord) -> list[np.ndarray]:
+    """``returned - received`` in float64, key by key; ``ValueError`` when malformed.
+
+    The node checks its own update because the server cannot: after masking, a NaN
+    or a wrong shape would reach the sum unseen.
+    """
+    if list(returned.keys()) != list(received.keys()):
+        raise ValueError("the trained arrays' keys differ from the received ones: not sent")
+    update = []
+    for key, before in received.items():
+        old, new = before.numpy(), returned[key].numpy()
+        if new.shape != old.shape:
+            raise ValueError(f"array '{key}' is {list(new.shape)}, not {list(old.shape)}: not sent")
+        delta = new.astype(np.float64) - old
+        if not np.isfinite(delta).all():
+            raise ValueError(f"array '{key}' contains NaN or Inf: not sent")
+        update.append(delta)
+    return update
+
+
+def max_weight(config: RunConfig) -> float:
+    """The largest weight of a node's update: 1 under ``dp=client``, where all weigh 1."""
+    return 1.0 if config.dp == "client" else config.secagg_max_weight
+
+
+def secure_weight(config: RunConfig, examples: int) -> int:
+    """What a node's update weighs in the secure mean; ``ValueError`` above the max weight.
+
+    Under client-level DP every node weighs the same: the noise is calibrated to one
+    node's clipped update, which a weight would scale.
+    """
+    if config.dp == "client":
+        return 1
+    if examples > config.secagg_max_weight:
+        raise ValueError(
+            f"num-examples {examples} > secagg-max-weight={config.secagg_max_weight:g}: not sent "
+            "(raise secagg-max-weight to at least the largest node's examples)"
+        )
+    return examples
+
+
+def _fitres_reply(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Train, then reply with the clipped update in the legacy layout Flower's mod masks."""
+    config = RunConfig.parse(context.run_config, check_files=False)
+    reply = call_next(msg, context)
+    if reply.has_error():
+        raise RuntimeError(f"training failed: {reply.error.reason}")
+    update = checked_update(msg.content["arrays"], reply.content["arrays"])
+    bound = update_bound(config)
+    norm = clip(update, bound)
+    (metrics,) = reply.content.metric_records.values()
+    weight = secure_weight(config, int(metrics[NUM_EXAMPLES]))
+    fitres = FitRes(
+        Status(Code.OK, ""),
+        ndarrays_to_parameters([delta.astype(np.float32) for delta in update]),
+        weight,
+        {**metrics, CLIPPED: int(norm > bound)},
+    )
+    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Take part in SecAgg+ for the train messages that carry its stages.
+
+    It must come first in the ClientApp's mods: the stage messages carry no
+    model, and the masked reply is no longer fl_app's reply layout. Other
+    messages pass through untouched.
+    """
+    if (
+        msg.metadata.message_type != MessageType.TRAIN
+        or RECORD_KEY_CONFIGS not in msg.content.config_records
+    ):
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, lambda inner, ctx: _fitres_reply(inner, ctx, call_next))
+
+
+# ---- the server ----------------------------------------------------------------
+
+
+class _Proxy(NamedTuple):
+    """What the stages read of a legacy ClientProxy: its node id."""
+
+    node_id: int
+
+
+@dataclass
+class _LegacyStandIn:
+    """The parts of a LegacyContext and its strategy that the stage methods use."""
+
+    nodes: list[int]
+    server_round: int
+    state: RecordDict = field(default_factory=RecordDict)
+    mean: list[np.ndarray] | None = None
+    results: list[tuple[Any, FitRes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.state[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: self.server_round}
+        )
+        self.state[MAIN_PARAMS_RECORD] = ArrayRecord()
+        self.strategy = self
+        self.client_manager = self
+
+    def num_available(self) -> int:
+        return len(self.nodes)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: Any
+    ) -> list[tuple[_Proxy, FitIns]]:
+        # The real content of each node's message replaces these after the setup stage.
+        return [(_Proxy(node), FitIns(parameters, {})) for node in self.nodes]
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[Any, FitRes]], failures: list[Any]
+    ) -> tuple[None, dict]:
+        self.results = results
+        if results:  # every result carries the same unmasked mean
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}
+
+
+class SecureResult(NamedTuple):
+    """What one SecAgg+ round gave the server.
+
+    ``mean`` is the weighted mean of the updates of ``nodes`` (``None`` when the
+    protocol halted; ``failure`` says why); ``replies`` are their train replies,
+    whose metrics and weight stay visible; ``dropped`` the sampled nodes that
+    fell out, each with the reason; ``bytes_up`` what the nodes uploaded.
+    """
+
+    mean: list[np.ndarray] | None
+    nodes: list[int]
+    replies: list[tuple[int, FitRes]]
+    dropped: dict[int, str]
+    bytes_up: int
+    failure: str
+
+
+def _record_bytes(msg: Message) -> int:
+    """Bytes a reply carries: its arrays and the byte strings of its config records."""
+    if msg.has_error():
+        return 0
+    total = sum(record.count_bytes() for record in msg.content.array_records.values())
+    for record in msg.content.config_records.values():
+        for value in record.values():
+            values = value if isinstance(value, list) else [value]
+            total += sum(len(v) for v in values if isinstance(v, bytes))
+    return total
+
+
+def _last_line(reason: str) -> str:
+    """An error reason in one line: a node's traceback ends with the exception itself."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "error reply without a reason"
+
+
+class _StageGrid:
+    """The grid the stages talk through: it counts bytes and screens masked vectors.
+
+    Masked values say nothing, but their shapes are public: a reply whose shapes
+    are not the round's is turned into an error reply, so the protocol drops that
+    node as it drops one that failed, instead of the sum failing or broadcasting.
+    """
+
+    def __init__(self, grid: Grid, shapes: Sequence[tuple[int, ...]]) -> None:
+        self.grid = grid
+        # The first masked array carries the node's quantized weight.
+        self.shapes = [(1,), *map(tuple, shapes)]
+        self.bytes_up = 0
+        self.dropped: dict[int, str] = {}
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        messages = list(messages)
+        node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
+        screened = []
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            self.bytes_up += _record_bytes(reply)
+            problem = _last_line(reply.error.reason) if reply.has_error() else None
+            problem = problem or self._masked_problem(reply)
+            if problem is not None:
+                # An error the SuperLink makes for a node comes from the SuperLink's id.
+                node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                self.dropped.setdefault(node, problem)
+                if not reply.has_error():
+                    error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, problem)
+                    reply = Message(error=error, metadata=reply.metadata)
+            screened.append(reply)
+        return screened
+
+    def _masked_problem(self, reply: Message) -> str | None:
+        record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if record is None or Key.MASKED_PARAMETERS not in record:
+            return None  # not the masked-vector stage
+        try:
+            shapes = [bytes_to_ndarray(b).shape for b in record[Key.MASKED_PARAMETERS]]
+        except Exception as err:  # undecodable bytes can fail in many ways
+            return f"masked vector cannot be decoded ({err})"
+        if len(shapes) != len(self.shapes):
+            return f"masked vector has {len(shapes)} arrays, expected {len(self.shapes)}"
+        for index, (shape, expected) in enumerate(zip(shapes, self.shapes, strict=True)):
+            if shape != expected:
+                return f"masked array {index} is {shape}, expected {expected}"
+        return None
+
+
+class SecAggPlusRound:
+    """Runs one round's train messages through Flower's four SecAgg+ stages.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The ``secagg-*`` keys: shares, threshold, clipping range, max weight, timeout.
+    """
+
+    def __init__(self, config: RunConfig) -> None:
+        shares = config.secagg_num_shares or 1.0  # Flower: a float is a share of the sampled
+        threshold = config.secagg_threshold or 2 / 3
+        self.threshold = config.secagg_threshold
+        self.bound = update_bound(config)
+        self.timeout = float(config.secagg_timeout or config.round_timeout)
+        self.workflow = SecAggPlusWorkflow(
+            shares,
+            threshold,
+            max_weight=max_weight(config),
+            clipping_range=config.secagg_clipping_range,
+            quantization_range=QUANTIZATION_RANGE,
+            modulus_range=MODULUS_RANGE,
+            timeout=self.timeout,
+        )
+
+    def run(
+        self, grid: Grid, messages: Sequence[Message], server_round: int, shapes: Sequence[tuple]
+    ) -> SecureResult:
+        """Mask, sum and unmask the updates the nodes of ``messages`` train.
+
+        Every exception of the protocol stays in the round: the result then has
+        no mean and says why.
+        """
+        nodes = [msg.metadata.dst_node_id for msg in messages]
+        if self.threshold > len(nodes):
+            raise ValueError(
+                f"secagg-threshold={self.threshold} is more than the {len(nodes)} nodes sampled: "
+                "no secret could be reconstructed (lower it, or sample more nodes)"
+            )
+        context = _LegacyStandIn(nodes, server_round)
+        state = WorkflowState()
+        stage_grid = _StageGrid(grid, shapes)
+        failure = ""
+        try:
+            for number, stage in enumerate(
+                (
+                    self.workflow.setup_stage,
+                    self.workflow.share_keys_stage,
+                    self.workflow.collect_masked_vectors_stage,
+                    self.workflow.unmask_stage,
+                )
+            ):
+                if number == 2:
+                    # Each node's own message (model, base, config) rides with the stage
+                    # that trains; Flower's stand-in FitIns never leaves the server.
+                    state.nid_to_fitins = {
+                        msg.metadata.dst_node_id: msg.content
+                        for msg in messages
+                        if msg.metadata.dst_node_id in state.active_node_ids
+                    }
+                if not stage(stage_grid, context, state):  # type: ignore[arg-type]
+                    failure = f"SecAgg+ halted in stage {number}: too few nodes left"
+                    break
+        except Exception as err:  # a bad reply must not end the run
+            failure = f"SecAgg+ failed in the round ({type(err).__name__}: {err})"
+        finished = context.mean is not None and not failure
+        # The mean holds the updates of the nodes that uploaded a masked vector, even one
+        # that fell out while unmasking (its neighbours' shares stood in for it).
+        survivors = sorted(proxy.node_id for proxy, _ in context.results) if finished else []
+        dropped = {
+            node: stage_grid.dropped.get(node, "no reply within secagg-timeout")
+            for node in nodes
+            if node not in survivors
+        }
+        replies = [(proxy.node_id, fitres) for proxy, fitres in context.results]
+        return SecureResult(
+            context.mean if finished else None,
+            survivors,
+            replies if finished else [],
+            dropped,
+            stage_grid.bytes_up,
+            failure,
+        )
+
+
+def log_dropped(server_round: int, result: SecureResult) -> None:
+    """One warning line per node that fell out of the round."""
+    for node, why in sorted(result.dropped.items()):
+        log(WARNING, "Round %d: node %d left SecAgg+: %s", server_round, node, why)
