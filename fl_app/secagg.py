@@ -193,7 +193,8 @@ class SecureResult(NamedTuple):
     ``mean`` is the weighted mean of the updates of ``nodes`` (``None`` when the
     protocol halted; ``failure`` says why); ``replies`` are their train replies,
     whose metrics and weight stay visible; ``dropped`` the sampled nodes that
-    fell out, each with the reason; ``bytes_up`` what the nodes uploaded.
+    fell out, each with the reason; ``bytes_up`` what the nodes uploaded, and
+    ``bytes_down`` what the protocol sent them besides the round's arrays.
     """
 
     mean: list[np.ndarray] | None
@@ -201,19 +202,26 @@ class SecureResult(NamedTuple):
     replies: list[tuple[int, FitRes]]
     dropped: dict[int, str]
     bytes_up: int
+    bytes_down: int
     failure: str
 
 
-def _record_bytes(msg: Message) -> int:
-    """Bytes a reply carries: its arrays and the byte strings of its config records."""
-    if msg.has_error():
-        return 0
-    total = sum(record.count_bytes() for record in msg.content.array_records.values())
+def _config_bytes(msg: Message) -> int:
+    """Bytes of the byte strings in a message's config records (keys, shares, masked vectors)."""
+    total = 0
     for record in msg.content.config_records.values():
         for value in record.values():
             values = value if isinstance(value, list) else [value]
             total += sum(len(v) for v in values if isinstance(v, bytes))
     return total
+
+
+def _reply_bytes(msg: Message) -> int:
+    """Bytes a reply carries: its arrays and its config records' byte strings."""
+    if msg.has_error():
+        return 0
+    arrays = sum(record.count_bytes() for record in msg.content.array_records.values())
+    return arrays + _config_bytes(msg)
 
 
 def _last_line(reason: str) -> str:
@@ -235,6 +243,8 @@ class _StageGrid:
         # The first masked array carries the node's quantized weight.
         self.shapes = [(1,), *map(tuple, shapes)]
         self.bytes_up = 0
+        # The protocol's own messages; the model and base that ride along are the wire's.
+        self.bytes_down = 0
         self.dropped: dict[int, str] = {}
 
     def send_and_receive(
@@ -242,9 +252,10 @@ class _StageGrid:
     ) -> list[Message]:
         messages = list(messages)
         node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
+        self.bytes_down += sum(_config_bytes(msg) for msg in messages)
         screened = []
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
-            self.bytes_up += _record_bytes(reply)
+            self.bytes_up += _reply_bytes(reply)
             problem = _last_line(reply.error.reason) if reply.has_error() else None
             problem = problem or self._masked_problem(reply)
             if problem is not None:
@@ -354,6 +365,7 @@ class SecAggPlusRound:
             replies if finished else [],
             dropped,
             stage_grid.bytes_up,
+            stage_grid.bytes_down,
             failure,
         )
 

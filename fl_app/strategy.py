@@ -420,6 +420,7 @@ class TransferFedAvg(FedAvg):
         for node in result.nodes:
             self.wire.received_from(node, 0)
         self.wire.stats["bytes_received"] += result.bytes_up
+        self.wire.stats["bytes_sent"] += result.bytes_down
         metric_records = []
         for node, fitres in result.replies:
             metrics = MetricRecord({k: v for k, v in fitres.metrics.items() if k != CLIPPED})

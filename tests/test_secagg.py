@@ -2,8 +2,8 @@
 
 The config refusals and the node's own checks run in-process; two `flwr run`
 simulations compare a SecAgg+ run with the plain one, and a third, under client-level
-DP, has one node crash while it trains and another upload a masked vector of the wrong
-shape.
+DP, has one node crash while it trains, one upload a masked vector of the wrong shape,
+and one train into NaN.
 """
 
 from __future__ import annotations
@@ -162,16 +162,18 @@ def test_the_secagg_global_model_is_the_plain_one_within_the_quantisation(superl
 
 
 @pytest.mark.e2e
-def test_under_client_dp_a_failing_node_and_a_wrong_shape_leave_the_others_noised_sum(
+def test_under_client_dp_three_faulty_nodes_drop_out_and_the_others_noised_sum_stays(
     superlink, tmp_path
 ):
-    nodes, z, clip, delta = 5, 1.0, 0.5, 1e-5
+    nodes, z, clip, delta = 6, 1.0, 0.5, 1e-5
     config = {
         **BASE,
         **SECURE,
         "num-server-rounds": 1,
         "min-train-nodes": 3,
         "min-available-nodes": nodes,
+        # Three of six drop out: each node keeps three neighbours, enough to unmask.
+        "secagg-threshold": 3,
         # Clip on the node, mask, noise on the server: ε as without secure aggregation.
         "dp": "client",
         "dp-clip": clip,
@@ -182,7 +184,7 @@ def test_under_client_dp_a_failing_node_and_a_wrong_shape_leave_the_others_noise
     run = superlink.run(tmp_path / "run", config, num_supernodes=nodes, app_dir=app)
     (record,) = _finished(run)
     assert record["model_updated"] and record["train_replies"] == 3
-    assert record["secagg_dropped"] == 2
+    assert record["secagg_dropped"] == 3
     assert record["dp_epsilon"] == pytest.approx(privacy.epsilon(z, 1, delta))
     # The noise is calibrated to the nodes sampled, whoever drops out.
     assert record["dp_noise_std"] == pytest.approx(z * clip / nodes)
@@ -196,11 +198,15 @@ def test_under_client_dp_a_failing_node_and_a_wrong_shape_leave_the_others_noise
             for line in log_lines(run.log, r"Faulty partition \d+ is node \d+")
         )
     }
-    assert set(faulty) == {0, 1}
+    assert set(faulty) == {0, 1, 2}
     assert log_lines(
         run.log, rf"Round 1: node {faulty[0]} left SecAgg\+: .*injected failure during training"
     )
     assert log_lines(
         run.log,
         rf"Round 1: node {faulty[1]} left SecAgg\+: masked array 4 is \(9,\), expected \(10,\)",
+    )
+    # The node's own check: it sends nothing rather than NaN the server could not see.
+    assert log_lines(
+        run.log, rf"Round 1: node {faulty[2]} left SecAgg\+: .*contains NaN or Inf: not sent"
     )
