@@ -198,12 +198,16 @@ class SecureResult(NamedTuple):
     """
 
     mean: list[np.ndarray] | None
-    nodes: list[int]
     replies: list[tuple[int, FitRes]]
     dropped: dict[int, str]
     bytes_up: int
     bytes_down: int
     failure: str
+
+    @property
+    def nodes(self) -> list[int]:
+        """The nodes whose updates the mean holds."""
+        return [node for node, _ in self.replies]
 
 
 def _config_bytes(msg: Message) -> int:
@@ -309,6 +313,14 @@ class SecAggPlusRound:
             timeout=self.timeout,
         )
 
+    def check_sampled(self, sampled: int) -> None:
+        """``ValueError`` in one line when the threshold is above the ``sampled`` nodes."""
+        if self.threshold > sampled:
+            raise ValueError(
+                f"secagg-threshold={self.threshold} is more than the {sampled} nodes sampled: "
+                "no secret could be reconstructed (lower it, or sample more nodes)"
+            )
+
     def run(
         self, grid: Grid, messages: Sequence[Message], server_round: int, shapes: Sequence[tuple]
     ) -> SecureResult:
@@ -318,11 +330,7 @@ class SecAggPlusRound:
         no mean and says why.
         """
         nodes = [msg.metadata.dst_node_id for msg in messages]
-        if self.threshold > len(nodes):
-            raise ValueError(
-                f"secagg-threshold={self.threshold} is more than the {len(nodes)} nodes sampled: "
-                "no secret could be reconstructed (lower it, or sample more nodes)"
-            )
+        self.check_sampled(len(nodes))
         context = _LegacyStandIn(nodes, server_round)
         state = WorkflowState()
         stage_grid = _StageGrid(grid, shapes)
@@ -352,17 +360,16 @@ class SecAggPlusRound:
         finished = context.mean is not None and not failure
         # The mean holds the updates of the nodes that uploaded a masked vector, even one
         # that fell out while unmasking (its neighbours' shares stood in for it).
-        survivors = sorted(proxy.node_id for proxy, _ in context.results) if finished else []
+        replies = [(proxy.node_id, fitres) for proxy, fitres in context.results] if finished else []
+        kept = {node for node, _ in replies}
         dropped = {
             node: stage_grid.dropped.get(node, "no reply within secagg-timeout")
             for node in nodes
-            if node not in survivors
+            if node not in kept
         }
-        replies = [(proxy.node_id, fitres) for proxy, fitres in context.results]
         return SecureResult(
             context.mean if finished else None,
-            survivors,
-            replies if finished else [],
+            replies,
             dropped,
             stage_grid.bytes_up,
             stage_grid.bytes_down,

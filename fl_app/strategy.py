@@ -448,7 +448,9 @@ class TransferFedAvg(FedAvg):
             return None
         if self._too_few(server_round, len(result.nodes)):
             return None
-        problem = self._mean_problem(result.mean)
+        mean = [np.asarray(a, np.float64) for a in result.mean]
+        norm = aggregation.update_norm(mean)
+        problem = self._mean_problem(mean, norm)
         if problem is not None:
             log(
                 WARNING,
@@ -457,16 +459,15 @@ class TransferFedAvg(FedAvg):
                 problem,
             )
             return None
-        mean = [np.asarray(a, np.float64) for a in result.mean]
-        self._round["update_norm_mean"] = aggregation.update_norm(mean)
+        self._round["update_norm_mean"] = norm
         if self.privacy is not None:
             # Every node weighed 1: the mean times the nodes is the sum of clipped updates.
             total = [a * len(result.nodes) for a in mean]
             return self._private_mean(total, sampled, None), metric_records
         return mean, metric_records
 
-    def _mean_problem(self, mean: list[np.ndarray]) -> str | None:
-        """Why the unmasked mean cannot be the round's update, or ``None``.
+    def _mean_problem(self, mean: list[np.ndarray], norm: float) -> str | None:
+        """Why the unmasked mean (of L2 norm ``norm``) cannot be the round's update, or ``None``.
 
         Every node clipped its update to the bound, so their weighted mean lies
         within it; twice the bound leaves room for the quantization's error. A node
@@ -479,7 +480,6 @@ class TransferFedAvg(FedAvg):
             return "has shapes other than the round's arrays"
         if not all(np.isfinite(a).all() for a in mean):
             return "contains NaN or Inf"
-        norm = aggregation.update_norm([np.asarray(a, np.float64) for a in mean])
         if norm > 2 * self.secure.bound:
             return f"has L2 norm {norm:.4g} > twice the nodes' clip bound {self.secure.bound:g}"
         return None

@@ -86,11 +86,9 @@ def test_the_defaults_and_client_dp_are_accepted():
 
 def test_a_threshold_above_the_sampled_nodes_fails_the_round_in_one_line():
     secure = SecAggPlusRound(parse(**{"secure-aggregation": "secagg+", "secagg-threshold": 3}))
-    messages = [
-        type("Sent", (), {"metadata": type("M", (), {"dst_node_id": node})()})() for node in (1, 2)
-    ]
+    secure.check_sampled(3)
     with pytest.raises(ValueError, match="secagg-threshold=3 is more than the 2 nodes sampled"):
-        secure.run(None, messages, 1, [(2,)])
+        secure.check_sampled(2)
 
 
 def _record(**arrays: np.ndarray) -> ArrayRecord:

@@ -53,9 +53,9 @@ IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte.gz",
     "y_test": "t10k-labels-idx1-ubyte.gz",
 }
-# IDX type codes (http://yann.lecun.com/exdb/mnist/) mapped to big-endian dtypes.
 # Decoded datasets, one file per array, mapped by every process of the machine.
 DECODED_MAX_BYTES = 2 << 30
+# IDX type codes (http://yann.lecun.com/exdb/mnist/) mapped to big-endian dtypes.
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 

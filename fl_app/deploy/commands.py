@@ -18,7 +18,7 @@ from fl_app.config import WARM_WORKER_KEY
 from fl_app.deploy import DeploymentError
 from fl_app.deploy.pki import Certificates, certificate_hosts
 from fl_app.launch import processes
-from fl_app.launch.flower_cli import FlowerCLI, write_connection
+from fl_app.launch.flower_cli import FlowerCLI, split_host_port, write_connection
 
 FLOWER_SUPERLINK = str(processes.BIN / "flower-superlink")
 FLOWER_SUPERNODE = str(processes.BIN / "flower-supernode")
@@ -218,10 +218,10 @@ def check_address(address: str, what: str = "--superlink") -> tuple[str, int]:
     tuple of (str, int)
         Host and port.
     """
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address:
+    parts = split_host_port(address)
+    if parts is None:
         raise DeploymentError(f"{what} {address!r} is not allowed: expected HOST:PORT")
-    return host.strip("[]"), int(port)
+    return parts
 
 
 def check_control_host(host: str, expose_control_api: bool = False) -> None:

@@ -31,7 +31,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fl_app.config import DATASETS, METRICS_FILE, NO_TEST_DATA, RunConfig, flower_key, hydra_path
 from fl_app.config import fields as config_fields
-from fl_app.launch.flower_cli import FlowerCLI, FlowerCLIError, RunStatus, write_connection
+from fl_app.launch.flower_cli import (
+    FlowerCLI,
+    FlowerCLIError,
+    RunStatus,
+    split_host_port,
+    write_connection,
+)
 from fl_app.launch.local_superlink import LocalSuperLink
 from fl_app.launch.sweep import check_target_accuracy, summarize_sweep, summary_table
 
@@ -146,8 +152,7 @@ def _check_federation(fed: DictConfig) -> None:
                 f"{fed.client_num_gpus} are not allowed: expected cpus > 0 and gpus >= 0"
             )
         return
-    host, _, port = (fed.address or "").rpartition(":")
-    if not host or not port.isdigit():
+    if split_host_port(fed.address or "") is None:
         raise ValueError(f"federation.address={fed.address!r} is not allowed: expected HOST:PORT")
     if not fed.insecure:
         cert = Path(fed.root_certificates or "").expanduser()
@@ -165,8 +170,7 @@ def _check_ray_address(address: str | None) -> None:
             "federation.ray_address is missing: expected the Ray head's HOST:PORT "
             "(`ray start --head` prints it; port 6379 by default), or auto on a cluster node"
         )
-    host, _, port = address.rpartition(":")
-    if address != "auto" and (not host or not port.isdigit()):
+    if address != "auto" and split_host_port(address) is None:
         raise ValueError(
             f"federation.ray_address={address!r} is not allowed: expected HOST:PORT of the "
             "Ray head, or auto"

@@ -30,6 +30,14 @@ class FlowerCLIError(RuntimeError):
     """A `flwr` command failed; the message is one line."""
 
 
+def split_host_port(address: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as host and port; ``None`` if it is not that."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address:
+        return None
+    return host.strip("[]"), int(port)
+
+
 def write_connection(
     flwr_home: str | os.PathLike,
     address: str,
