@@ -9,7 +9,7 @@ activation cache), and the bytes the nodes uploaded and were sent. (The error of
 secure mean against the plain one, a single round apart from training, is
 tests/test_secagg.py's: later rounds train on and amplify it.)
 
-Usage: fl-app bench secagg [--nodes 4 --rounds 4 --head-rounds 2]
+Usage: fl-app bench secagg [--nodes 4 --rounds 4 --head-rounds 2] [--dp-clip 1.0]
        fl-app bench secagg --smallest     # CI size
 """
 
@@ -33,6 +33,8 @@ from fl_app.data.builtin import CLASS_NAMES
 
 MODES = {"plain": {}, "secagg+": {"secure-aggregation": "secagg+"}}
 SMALLEST = {"nodes": 3, "rounds": 2, "head_rounds": 1, "examples": 32}
+# --dp-clip: both runs clip on the nodes and noise the mean (the fl-dp-sa pattern).
+DP_CLIENT = {"dp": "client", "dp-noise-multiplier": 1.0}
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,6 +51,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         "min-available-nodes": args.nodes,
         # A max weight near the nodes' examples keeps the weights precise.
         "secagg-max-weight": float(args.examples),
+        **(DP_CLIENT | {"dp-clip": args.dp_clip} if args.dp_clip else {}),
     }
 
 
@@ -96,6 +99,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--examples", type=int, default=500, help="per node")
     parser.add_argument("--test-examples", type=int, default=500, help="server test set")
+    parser.add_argument(
+        "--dp-clip",
+        type=float,
+        default=0.0,
+        help="both runs under dp=client with this clip, noise multiplier 1 (0: no DP)",
+    )
     parser.add_argument("--json", type=Path, default=Path("outputs/secagg_cost.json"))
     args = parse_with_smallest(parser, SMALLEST)
     if not 1 <= args.head_rounds < args.rounds:
@@ -125,7 +134,9 @@ def main() -> int:
     print(
         f"\n{args.backbone} (random start), {args.input_size} px, {args.nodes} nodes of "
         f"{args.examples} Fashion-MNIST images, {args.head_rounds} head and "
-        f"{args.rounds - args.head_rounds} fine-tune rounds; {os.cpu_count()} CPUs.\n"
+        f"{args.rounds - args.head_rounds} fine-tune rounds"
+        + (f", dp=client with clip {args.dp_clip:g}" if args.dp_clip else "")
+        + f"; {os.cpu_count()} CPUs.\n"
     )
     print(markdown(costs))
     write_report(args, started_on, costs=costs, runs=runs)

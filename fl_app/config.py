@@ -346,9 +346,12 @@ class RunConfig:
     )
     secagg_num_shares: int = key(
         0,
-        "secagg+: shares each node's secrets are split into, one per neighbour (0 = every "
-        "sampled node is a neighbour).",
-        Rule(lambda v: v == 0 or v >= 3, "0 (all sampled nodes) or an integer >= 3"),
+        "secagg+: shares each node's secrets are split into, one per neighbour and its own, "
+        "odd (0 = every sampled node is a neighbour).",
+        Rule(
+            lambda v: v == 0 or (v >= 3 and v % 2 == 1),
+            "0 (all sampled nodes) or an odd integer >= 3 (the neighbours lie on both sides)",
+        ),
         "secure_aggregation",
         "num_shares",
     )

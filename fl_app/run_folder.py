@@ -252,6 +252,8 @@ def summary(record: Mapping[str, Any], is_best: bool) -> str:
         parts.append(f"ε {record['dp_epsilon']:.3g} (δ {record['dp_delta']:g})")
     if record.get("rejected_replies"):
         parts.append(f"{record['rejected_replies']} replies rejected")
+    if record.get("secagg_dropped"):
+        parts.append(f"{record['secagg_dropped']} nodes left SecAgg+")
     if record.get("skipped_images"):
         parts.append(f"{record['skipped_images']} unreadable images skipped")
     return " | ".join(parts) or "no metrics"

@@ -37,7 +37,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.constant import ErrorCode
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
@@ -56,6 +56,10 @@ MODULUS_RANGE = 2**32
 CLIPPED = "secagg_clipped"
 # Reply key of the examples count in fl_app's train MetricRecord.
 NUM_EXAMPLES = "num-examples"
+# fl_app's record, in every stage message and in the node's state: the round a stage
+# belongs to. Flower's mod keeps no round, so a stage message that arrives after its
+# round moved on would advance the node's state for the next round.
+ROUND_RECORD = "fl_app.secagg"
 
 
 # ---- the node ------------------------------------------------------------------
@@ -127,6 +131,29 @@ def _fitres_reply(msg: Message, context: Context, call_next: ClientAppCallable) 
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
+def _enter_round(msg: Message, context: Context) -> None:
+    """Refuse a stage message of another round than the node's; ``ValueError`` in one line.
+
+    A setup message starts a round, one of an earlier round excepted; every other
+    stage must belong to the round the node is in. The refusal leaves the node's
+    protocol state as it was, ready for the stage its round expects.
+    """
+    stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+    tagged = msg.content.config_records.get(ROUND_RECORD)
+    if tagged is None:
+        raise ValueError(f"SecAgg+ '{stage}' message without fl_app's round record: ignored")
+    message_round = int(tagged["round"])  # type: ignore[arg-type]
+    held = context.state.config_records.get(ROUND_RECORD)
+    node_round = int(held["round"]) if held is not None else 0  # type: ignore[arg-type]
+    if stage == Stage.SETUP and message_round >= node_round:
+        context.state.config_records[ROUND_RECORD] = ConfigRecord({"round": message_round})
+    elif message_round != node_round:
+        raise ValueError(
+            f"SecAgg+ '{stage}' message of round {message_round} arrived while this node is in "
+            f"round {node_round} (it came after its timeout): ignored"
+        )
+
+
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Take part in SecAgg+ for the train messages that carry its stages.
 
@@ -139,6 +166,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         or RECORD_KEY_CONFIGS not in msg.content.config_records
     ):
         return call_next(msg, context)
+    _enter_round(msg, context)
     return secaggplus_mod(msg, context, lambda inner, ctx: _fitres_reply(inner, ctx, call_next))
 
 
@@ -235,15 +263,19 @@ def _last_line(reason: str) -> str:
 
 
 class _StageGrid:
-    """The grid the stages talk through: it counts bytes and screens masked vectors.
+    """The grid the stages talk through: it tags, counts and screens the messages.
+
+    Each stage message names its round (`ROUND_RECORD`), for the node to refuse
+    one that comes too late.
 
     Masked values say nothing, but their shapes are public: a reply whose shapes
     are not the round's is turned into an error reply, so the protocol drops that
     node as it drops one that failed, instead of the sum failing or broadcasting.
     """
 
-    def __init__(self, grid: Grid, shapes: Sequence[tuple[int, ...]]) -> None:
+    def __init__(self, grid: Grid, shapes: Sequence[tuple[int, ...]], server_round: int) -> None:
         self.grid = grid
+        self.round_record = ConfigRecord({"round": server_round})
         # The first masked array carries the node's quantized weight.
         self.shapes = [(1,), *map(tuple, shapes)]
         self.bytes_up = 0
@@ -255,6 +287,8 @@ class _StageGrid:
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
         messages = list(messages)
+        for msg in messages:
+            msg.content.config_records[ROUND_RECORD] = self.round_record
         node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
         self.bytes_down += sum(_config_bytes(msg) for msg in messages)
         screened = []
@@ -314,7 +348,12 @@ class SecAggPlusRound:
         )
 
     def check_sampled(self, sampled: int) -> None:
-        """``ValueError`` in one line when the threshold is above the ``sampled`` nodes."""
+        """``ValueError`` in one line when ``sampled`` nodes cannot run the protocol."""
+        if sampled < 2:
+            raise ValueError(
+                f"secure aggregation needs at least 2 nodes a round, {sampled} was sampled "
+                "(raise min-train-nodes or fraction-train)"
+            )
         if self.threshold > sampled:
             raise ValueError(
                 f"secagg-threshold={self.threshold} is more than the {sampled} nodes sampled: "
@@ -333,7 +372,7 @@ class SecAggPlusRound:
         self.check_sampled(len(nodes))
         context = _LegacyStandIn(nodes, server_round)
         state = WorkflowState()
-        stage_grid = _StageGrid(grid, shapes)
+        stage_grid = _StageGrid(grid, shapes, server_round)
         failure = ""
         try:
             for number, stage in enumerate(

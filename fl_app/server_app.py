@@ -287,10 +287,13 @@ def main(grid: Grid, context: Context) -> None:
         log(
             INFO,
             "Secure aggregation: SecAgg+, updates clipped to L2 %g on the nodes, max weight %g, "
-            "%g s per stage; the server sees only their weighted mean, so "
-            "max-update-norm-ratio and max-examples-ratio do not apply",
+            "secrets in %s shares of which %s reconstruct one, %g s per stage; the server sees "
+            "only their weighted mean, so max-update-norm-ratio and max-examples-ratio do not "
+            "apply",
             secure.bound,
             secure.workflow.max_weight,
+            config.secagg_num_shares or "as many as sampled nodes",
+            config.secagg_threshold or "two thirds",
             secure.timeout,
         )
     strategy = TransferFedAvg(

@@ -1,4 +1,4 @@
-"""`fl-app bench client` end to end at its smallest size: real `flwr run`s, every row reported.
+"""The benchmarks end to end at their smallest size: real `flwr run`s, every row reported.
 
 Timings are never asserted (other processes share the cores); only that every row
 of the table is there with finite numbers.
@@ -77,3 +77,24 @@ def test_data_memory_bench_at_its_smallest_reports_finite_positive_numbers(tmp_p
                 assert value > 0 or key == "generate_seconds", (key, value)
         assert r["baseline_rss_mb"] <= r["after_features_rss_mb"] <= r["peak_rss_mb"]
         assert f"| {r['images']} |" in done.stdout
+
+
+# Two small simulations, plain and SecAgg+, ~2 minutes: in make test-faults.
+@pytest.mark.slow
+def test_smallest_secagg_bench_under_client_dp_reports_both_phases(tmp_path):
+    out = tmp_path / "secagg.json"
+    log = run_bench("secagg", tmp_path, "--smallest", "--dp-clip", "1.0", "--json", str(out))
+
+    result = json.loads(out.read_text())
+    assert result["args"]["dp_clip"] == 1.0 and "dp=client with clip 1" in log
+    for mode in ("plain", "secagg+"):
+        assert list(result["costs"][mode]) == ["head", "fine-tune"]
+        for phase in result["costs"][mode].values():
+            assert all(math.isfinite(v) and v > 0 for v in phase.values()), phase
+    for phase in ("head", "fine-tune"):
+        plain, secure = result["costs"]["plain"][phase], result["costs"]["secagg+"][phase]
+        # The masked upload is int64: twice the float32 bytes.
+        assert 1.9 < secure["bytes_up"] / plain["bytes_up"] < 2.1
+        assert f"| {phase} |" in log
+    for run in result["runs"].values():
+        assert all(r["dp_epsilon"] > 0 for r in run["rounds"])

@@ -2,8 +2,9 @@
 
 The end-to-end tests start a real `flower-superlink` (TLS, SuperNode auth) and real
 `flower-supernode` processes on free loopback ports, and stop every one of them in
-fixtures, also when a test fails. Two runs in all: a clean one (2 nodes) and one
-with a node whose data folder is empty and an unregistered node (tests 3 and 4).
+fixtures, also when a test fails. Two runs in all: a clean one (2 nodes, their
+updates summed under SecAgg+) and one, plain, with a node whose data folder is empty
+and an unregistered node (tests 3 and 4).
 The commands are `fl-app deploy ...` and `fl-app local ...`, run from this checkout.
 """
 
@@ -302,7 +303,7 @@ def federation(tmp_path_factory):
 
 
 @pytest.mark.e2e
-def test_two_rounds_over_tls_with_two_authenticated_supernodes(federation, tmp_path):
+def test_two_secure_rounds_over_tls_with_two_authenticated_supernodes(federation, tmp_path):
     state = json.loads(federation.state_file.read_text())
     assert state["connection"] == "fl-app" and state["address"] == federation.address
     assert (Path(state["flwr_home"]) / "config.toml").is_file()
@@ -313,7 +314,9 @@ def test_two_rounds_over_tls_with_two_authenticated_supernodes(federation, tmp_p
     assert sorted(online) == sorted(n["node_id"] for n in nodes)
     assert set(online.values()) == {"online"}
 
-    run = run_app(federation, tmp_path, {})
+    # SecAgg+'s four stages pass through each node's SuperNode, ClientApp processes and
+    # warm worker: the protocol's state must live in the node's context between them.
+    run = run_app(federation, tmp_path, {"secure-aggregation": "secagg+"})
 
     assert run.status == "finished:completed", run.details + run.log[-3000:]
     metrics = json.loads((run.run_dir / "metrics.json").read_text())
@@ -321,7 +324,8 @@ def test_two_rounds_over_tls_with_two_authenticated_supernodes(federation, tmp_p
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     for r in rounds[1:]:
-        assert r["train_replies"] == 2 and r["rejected_replies"] == 0 and r["model_updated"]
+        assert r["train_replies"] == 2 and r["secagg_dropped"] == 0 and r["model_updated"]
+    assert log_lines(run.log, r"Secure aggregation: SecAgg\+")
     assert log_lines(run.log, r"Round 2 summary: train acc")
     import keras
 
