@@ -20,7 +20,12 @@ import pytest
 from conftest import TINY, log_lines, message_metadata, strategy_in_round
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitRes, Parameters, Status
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+    Stage,
+)
 
 from fl_app import privacy
 from fl_app.config import RunConfig, defaults
@@ -150,7 +155,7 @@ def test_a_stage_message_that_comes_after_its_round_is_refused_and_the_node_stat
         raise AssertionError("a stage message reached training")
 
     def protocol_state() -> dict:
-        return dict(context.state.config_records["secaggplus_state"])
+        return dict(context.state.config_records[RECORD_KEY_STATE])
 
     reply = secagg_mod(_setup(3), context, train)  # Flower's mod: the node's public keys
     assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
@@ -172,7 +177,7 @@ def test_a_stage_message_that_comes_after_its_round_is_refused_and_the_node_stat
     # Round 3 goes on where it was; the next round's setup starts afresh.
     with pytest.raises(ValueError, match="Abort secure aggregation: expect share_keys stage"):
         secagg_mod(_stage(Stage.COLLECT_MASKED_VECTORS, 3), context, train)
-    reply = secagg_mod(_setup(4), context, train)
+    secagg_mod(_setup(4), context, train)
     assert protocol_state()["current_stage"] == Stage.SETUP
     assert context.state.config_records[ROUND_RECORD]["round"] == 4
 
