@@ -287,12 +287,14 @@ def main(grid: Grid, context: Context) -> None:
         log(
             INFO,
             "Secure aggregation: SecAgg+, updates clipped to L2 %g on the nodes, max weight %g, "
-            "secrets in %s shares of which %s reconstruct one, %g s per stage; the server sees "
-            "only their weighted mean, so max-update-norm-ratio and max-examples-ratio do not "
-            "apply",
+            "each secret split into %s, %s of them reconstruct it, %g s per stage; the server "
+            "sees only their weighted mean, so max-update-norm-ratio and max-examples-ratio do "
+            "not apply",
             secure.bound,
             secure.workflow.max_weight,
-            config.secagg_num_shares or "as many as sampled nodes",
+            f"{config.secagg_num_shares} shares"
+            if config.secagg_num_shares
+            else "one share per sampled node",
             config.secagg_threshold or "two thirds",
             secure.timeout,
         )
