@@ -160,14 +160,18 @@ def require_fashion_mnist() -> None:
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
+def train_metrics(num_examples: float) -> dict[str, float]:
+    """The metrics a node's train reply carries, for ``num_examples`` examples."""
+    metrics = {"num-examples": num_examples, "train_loss": 1.0, "train_accuracy": 0.5}
+    return metrics | {"train_time": 0.1, "client_time": 0.2}
+
+
 def train_reply(node: int, arrays: dict[str, np.ndarray], num_examples: float) -> Message:
     """Node ``node``'s train reply (float32 ``arrays``) to the server's message ``0-<node>``."""
-    metrics = {"num-examples": num_examples, "train_loss": 1.0, "train_accuracy": 0.5}
-    metrics |= {"train_time": 0.1, "client_time": 0.2}
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v.astype(np.float32)) for k, v in arrays.items()}),
-            "metrics": MetricRecord(metrics),
+            "metrics": MetricRecord(train_metrics(num_examples)),
         }
     )
     reply = Message(content, metadata=message_metadata(node, 0))

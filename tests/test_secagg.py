@@ -17,7 +17,7 @@ from pathlib import Path
 import adversary
 import numpy as np
 import pytest
-from conftest import TINY, log_lines, message_metadata, strategy_in_round
+from conftest import TINY, log_lines, message_metadata, strategy_in_round, train_metrics
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitRes, Parameters, Status
 from flwr.common.secure_aggregation.secaggplus_constants import (
@@ -212,9 +212,7 @@ def _secure_round(
     sent["dense/bias"] = np.zeros(8, np.float32)
     secure = SecAggPlusRound(parse(**{"secure-aggregation": "secagg+"}))
     strategy = strategy_in_round(tmp_path, sent, [1, 2, 3], secure=secure)
-    metrics = {"num-examples": 50, "train_loss": 1.0, "train_accuracy": 0.5}
-    metrics |= {"train_time": 0.1, "client_time": 0.2, CLIPPED: 1}
-    fitres = FitRes(Status(Code.OK, ""), Parameters([], ""), 50, metrics)
+    fitres = FitRes(Status(Code.OK, ""), Parameters([], ""), 50, {**train_metrics(50), CLIPPED: 1})
     replies = [(node, fitres) for node in (1, 2, 3)] if mean is not None else []
     dropped = {} if mean is not None else {1: "no reply", 2: "no reply", 3: "no reply"}
     strategy._secure_result = SecureResult(mean, replies, dropped, 4000, 300, failure)
