@@ -79,9 +79,17 @@ class Combiner:
     max_update_norm_ratio: float = 0.0
     max_examples_ratio: float = 0.0
 
-    def outliers(self, norms: Sequence[float]) -> list[bool]:
-        """Which updates the norm screen rejects, by their norms."""
-        return norm_outliers(norms, self.max_update_norm_ratio)
+    def norm_rejections(self, norms: Sequence[float]) -> list[str | None]:
+        """Why the norm screen rejects each update, by their norms (``None``: kept)."""
+        limit = self.max_update_norm_ratio * float(np.median(norms)) if norms else 0.0
+        return [
+            f"update norm {norm:.4g} > max-update-norm-ratio x median = {limit:.4g}"
+            if outlier
+            else None
+            for norm, outlier in zip(
+                norms, norm_outliers(norms, self.max_update_norm_ratio), strict=True
+            )
+        ]
 
     def combine(self, updates: Sequence[Update], claims: Sequence[float]) -> tuple[Update, int]:
         """The combined update, and how many claims of ``num-examples`` were capped.

@@ -1,27 +1,27 @@
 """``fl-app``: every operations command of fl_app in one place.
 
-``fl-app deploy ...`` and ``fl-app local ...`` (`fl_app.deploy.cli`), ``fl-app data
-prepare``, ``fl-app predict``, ``fl-app sweep summarize`` and ``fl-app bench ...``. Experiments run
-with ``fl-app-experiment`` (Hydra). Bad input is exactly one ``error:`` line on
-stderr and exit code 2; ``--help`` never imports Keras or TensorFlow.
+``fl-app deploy ...`` and ``fl-app local ...`` (`fl_app.deploy.cli`, `local_cli`), ``fl-app data
+prepare``, ``fl-app predict`` and ``fl-app sweep summarize``. Experiments run with
+``fl-app-experiment`` (Hydra); the benchmarks are the repository's scripts/, not commands.
+Bad input is exactly one ``error:`` line on stderr and exit code 2; ``--help`` never imports
+Keras or TensorFlow.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import click
 import typer
 
-from fl_app.deploy.cli import deploy, local
+from fl_app.deploy.cli import deploy
+from fl_app.deploy.local_cli import local
 
 app = typer.Typer(
-    help="Operate fl_app: deployments, a local federation, data, predictions, sweeps, benchmarks.",
+    help="Operate fl_app: deployments, a local federation, data, predictions, sweeps.",
     add_completion=False,
 )
 app.add_typer(deploy, name="deploy")
@@ -30,33 +30,6 @@ data = typer.Typer(help="Data for deployments.", add_completion=False)
 app.add_typer(data, name="data")
 sweep = typer.Typer(help="Hydra multirun sweeps.", add_completion=False)
 app.add_typer(sweep, name="sweep")
-bench = typer.Typer(
-    help="Benchmarks (need a checkout of the repository); arguments go to the benchmark.",
-    add_completion=False,
-)
-app.add_typer(bench, name="bench")
-
-# fl-app bench NAME -> benchmarks/<module>.py, whose main() reads sys.argv.
-BENCHMARKS = {
-    "client": ("bench", "our ClientApp against a quickstart-style one: time, bytes, memory"),
-    "edge": ("bench_edge", "cost of the model on an edge device: memory and images/s"),
-    "deployment": ("bench_deployment", "per-round time of a deployment against a simulation"),
-    "accuracy": ("accuracy_report", "federated against centralised accuracy"),
-    "memory": ("measure_memory", "peak RSS of one training process per phase"),
-    "data-memory": ("measure_data_memory", "peak RSS of a node by size of its image folder"),
-    "dp": ("dp_table", "accuracy against epsilon of client-level DP, 20 nodes"),
-    "noniid": (
-        "noniid",
-        "FedAvg, FedProx, FedAdam, FedAvgM against label skew, full Fashion-MNIST",
-    ),
-    "secagg": ("secagg_cost", "seconds and bytes per round of SecAgg+ against plain FedAvg"),
-    "scale": ("scale", "peak memory and round time of 10, 100 and 1,000 virtual clients"),
-    "time-to-accuracy": (
-        "time_to_accuracy",
-        "wall time to a server accuracy, ours against a quickstart-style baseline",
-    ),
-}
-REPO = Path(__file__).resolve().parents[1]
 # What `main` reports as one `error:` line: our own failures (DeploymentError,
 # FlowerCLIError, ProcessExitedError, ...) are RuntimeErrors; files and values raise the others.
 USER_ERRORS = (RuntimeError, OSError, ValueError)
@@ -78,8 +51,8 @@ def prepare(
     SuperNode on it with --node-config 'data-dir="/abs/OUT/node-0"'. Existing
     node data is never overwritten.
     """
-    from fl_app.config import DATASETS, PARTITIONERS
     from fl_app.data import PARTITION_FILE, prepare_node_dirs
+    from fl_app.values import DATASETS, PARTITIONERS
 
     for option, value, allowed in (
         ("--dataset", dataset, DATASETS),
@@ -164,63 +137,6 @@ def predict_images(
     skipped = f" (skipped {left_out} unreadable)" if left_out else ""
     print(f"wrote {written} predictions to {out}{skipped}")
     return 0
-
-
-def _bench_command(name: str, module: str, help_text: str) -> None:
-    @bench.command(
-        name,
-        help=f"{help_text[0].upper()}{help_text[1:]} (benchmarks/{module}.py; try --help).",
-        add_help_option=False,
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )
-    def command(ctx: typer.Context) -> int:
-        return run_benchmark(module, ctx.args, prog=f"fl-app bench {name}")
-
-
-for _name, (_module, _help) in BENCHMARKS.items():
-    _bench_command(_name, _module, _help)
-
-
-def run_benchmark(module: str, args: Sequence[str], prog: str) -> int:
-    """Import ``benchmarks.<module>`` and call its ``main()`` with ``args`` as argv.
-
-    Raises
-    ------
-    click.UsageError
-        If the benchmarks cannot be imported (fl_app installed without its repository).
-    """
-    try:
-        bench_module = _import_benchmark(module)
-    except ModuleNotFoundError as err:
-        if err.name not in ("benchmarks", f"benchmarks.{module}"):
-            raise
-        raise click.UsageError(
-            f"benchmarks.{module} is not importable: the benchmarks need a checkout of the"
-            " repository (run fl-app from it, or install it with pip install -e)"
-        ) from None
-    argv, error = sys.argv, argparse.ArgumentParser.error
-    sys.argv = [prog, *args]  # the benchmarks parse sys.argv with argparse
-    argparse.ArgumentParser.error = _argparse_error  # type: ignore[method-assign]
-    try:
-        return int(bench_module.main() or 0)
-    finally:
-        sys.argv, argparse.ArgumentParser.error = argv, error  # type: ignore[method-assign]
-
-
-def _argparse_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
-    # argparse prints its usage first; fl-app's bad input is one line.
-    parser.exit(2, f"error: {message} (see {parser.prog} --help)\n")
-
-
-def _import_benchmark(module: str) -> object:
-    try:
-        return importlib.import_module(f"benchmarks.{module}")
-    except ModuleNotFoundError as err:
-        # Installed as a console script, sys.path lacks the checkout fl_app is in.
-        if err.name != "benchmarks" or not (REPO / "benchmarks" / "__init__.py").is_file():
-            raise
-        sys.path.insert(0, str(REPO))
-        return importlib.import_module(f"benchmarks.{module}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

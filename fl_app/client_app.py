@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fl_app import node_worker
 from fl_app.privacy import dp_clip_mod
-from fl_app.secagg import secagg_mod
+from fl_app.secagg.node import secagg_mod
 from fl_app.wire.compression import compression_mod
 
 # The mods run in this process, around the hand-over: the worker sees decompressed

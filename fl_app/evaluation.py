@@ -23,9 +23,9 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common import log
 
+from fl_app.backbones import BACKBONES
 from fl_app.data.batches import Batches
 from fl_app.data.split import Split
-from fl_app.model.backbones import BACKBONES
 from fl_app.model.classifier import (
     build_head,
     compile_model,

@@ -1,4 +1,4 @@
-"""The ServerApp's grid, picking up replies as they come.
+"""The ServerApp's grid: replies picked up as they come, and the wait for a round's nodes.
 
 Flower 1.42's ``send_and_receive`` (``flwr.superlink.grid.http_grid``) looks for replies
 every 3 s, so every train or evaluate exchange of a round lasts a whole number of 3 s
@@ -6,15 +6,18 @@ waits even when every node answers in a fraction of a second, as on cached featu
 the head phase: those waits were most of a simulated round. `PromptGrid` looks after
 `FIRST_PULL` seconds and backs off by `BACKOFF` up to Flower's 3 s, so a quick exchange
 ends moments after its last reply, and a long one asks the SuperLink as seldom as
-Flower's does.
+Flower's does. `wait_for_nodes` waits for a round's nodes with a limit, which
+Flower's sampling has not.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from logging import INFO
 
 from flwr.app import Message, RecordDict
+from flwr.common import log
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -83,3 +86,24 @@ class PromptGrid(Grid):
                 return replies
             time.sleep(wait if left is None else min(wait, left))
             wait = min(wait * BACKOFF, LONGEST_PULL)
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
+    """Wait, within ``timeout`` s, for ``needed`` nodes to connect; ``RuntimeError`` if not.
+
+    Flower's own sampling waits without limit, logging every second; this logs
+    every 30 s.
+    """
+    deadline = time.monotonic() + timeout
+    next_log = 0.0
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        now = time.monotonic()
+        if now >= deadline:
+            raise RuntimeError(
+                f"only {connected} of the {needed} nodes needed (min-available-nodes) "
+                f"are connected after wait-for-nodes-timeout={timeout:g} s"
+            )
+        if now >= next_log:
+            log(INFO, "Waiting for nodes: %d of %d connected", connected, needed)
+            next_log = now + 30
+        time.sleep(1)

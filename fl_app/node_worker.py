@@ -48,9 +48,11 @@ from flwr.common import log
 from flwr.common.logger import FLOWER_LOGGER
 
 from fl_app.cache import node_cache_dir
-from fl_app.config import WARM_WORKER_KEY
 from fl_app.launch.processes import ProcessRecord
 
+# A deployed node's own setting (--node-config), not the run's: whether its messages go
+# to a warm worker.
+WARM_WORKER_KEY = "warm-worker"
 # Memory goes back to the node after this long without a message; the next one
 # pays the start-up again. Rounds are seconds to minutes apart.
 IDLE_TIMEOUT = 900.0
@@ -158,7 +160,7 @@ def _connect(folder: Path) -> Connection | None:
 
 def _start(folder: Path) -> Connection:
     (folder / ADDRESS_FILE).unlink(missing_ok=True)
-    # The app version this process imported, which Flower installed outside sys.path's default.
+    # The app version this process imported, which Flower installed off the default import path.
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_ROOT), os.environ.get("PYTHONPATH")])),

@@ -15,6 +15,7 @@ mechanism per round and assumes no amplification by sampling: Flower samples a
 fixed number of the connected nodes, neither Poisson sampling nor over a fixed
 population, so the amplification bounds that need those would not be sound.
 The ε it reports holds whichever nodes are sampled, drop out or join.
+`private_mean` is the server's release of a round, and what it records of it.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import log
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
 from fl_app.config import RunConfig
+from fl_app.round_record import RoundRecord
 
 # Noise multipliers `noise_multiplier_for` searches between.
 _LOWEST_NOISE, _HIGHEST_NOISE = 0.05, 1e4
@@ -106,6 +110,10 @@ def noise_multiplier_for(target_epsilon: float, rounds: int, delta: float) -> fl
     return high
 
 
+class BudgetSpentError(Exception):
+    """The next round would take ε past ``dp-target-epsilon``: the run ends here."""
+
+
 @dataclass
 class PrivacyBudget:
     """The rounds released so far with a run's noise multiplier, and what they cost.
@@ -139,9 +147,61 @@ class PrivacyBudget:
         """Whether one more round stays within ``target_epsilon`` (always, without one)."""
         return not self.target_epsilon or self.next_epsilon() <= self.target_epsilon
 
+    def check_round(self, server_round: int) -> None:
+        """Raise `BudgetSpentError` when round ``server_round`` would exceed ``target_epsilon``."""
+        if not self.allows_another_round():
+            raise BudgetSpentError(
+                f"round {server_round} would take epsilon from {self.epsilon:.3g} to "
+                f"{self.next_epsilon():.3g} > dp-target-epsilon={self.target_epsilon:g} "
+                f"(delta {self.delta:g}): the run stops after round {server_round - 1}"
+            )
+
     def state(self) -> dict[str, float]:
         """What a checkpoint keeps of it."""
         return {"rounds": self.rounds, "noise_multiplier": self.noise_multiplier}
+
+
+def private_mean(
+    clipped_sum: Sequence[np.ndarray],
+    sampled: int,
+    budget: PrivacyBudget,
+    bound: float,
+    rng: np.random.Generator,
+    record: RoundRecord,
+    server_clipped: int | None = None,
+) -> list[np.ndarray]:
+    """Release the noised mean of ``clipped_sum`` over ``sampled`` nodes; record ε.
+
+    One more round of ``budget`` is spent. ``record`` gets the noise's standard
+    deviation, ε and δ, and ``server_clipped``: how many updates the server had
+    to clip (``None`` when it never saw them: under secure aggregation the nodes clip).
+    """
+    noised = noised_mean(clipped_sum, sampled, budget.noise_multiplier, bound, rng)
+    budget.rounds += 1
+    record.dp_clipped = server_clipped
+    record.dp_noise_std = noise_std(budget.noise_multiplier, bound, sampled)
+    record.dp_epsilon = budget.epsilon
+    record.dp_delta = budget.delta
+    return noised
+
+
+def log_dp_settings(config: RunConfig) -> None:
+    """Log the run's DP settings, and that the norm screen is off under DP."""
+    log(
+        INFO,
+        "Client-level DP (dp=%s): clip %g, noise multiplier %g, δ %g, ε target %s",
+        config.dp,
+        config.dp_clip,
+        config.dp_noise_multiplier,
+        config.dp_delta,
+        f"{config.dp_target_epsilon:g}" if config.dp_target_epsilon else "none",
+    )
+    if config.max_update_norm_ratio:
+        log(
+            INFO,
+            "dp=%s: no norm screen (max-update-norm-ratio); the clip bounds updates",
+            config.dp,
+        )
 
 
 def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -20,11 +20,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.common import log
 
-from fl_app.config import CHECKPOINT_FILE, METRICS_FILE
+from fl_app.values import CHECKPOINT_FILE as CHECKPOINT
 
 SaveModel = Callable[[ArrayRecord, Path], None]
-CHECKPOINT = CHECKPOINT_FILE
-METRICS = METRICS_FILE
+# The run's records after every round (read by the launcher and sweeps too).
+METRICS = "metrics.json"
 
 
 class Checkpoint(NamedTuple):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 
 # Flower's defaults where a key is 0: (server learning rate η, τ).
 DEFAULTS = {
@@ -98,6 +99,19 @@ class ServerOptimizer:
             new[key] = current[key] + rate * m / (np.sqrt(v) + self.tau)
         return new
 
+    def next_global(
+        self, server_round: int, arrays: ArrayRecord, current: Arrays, update: Arrays
+    ) -> ArrayRecord:
+        """``arrays`` with those of ``update``'s keys stepped (`step`), each in its dtype."""
+        stepped = self.step(server_round, current, update)
+        # Arrays that did not travel stay the very same objects (bases share them).
+        return ArrayRecord(
+            {
+                key: Array(stepped[key].astype(array.dtype)) if key in stepped else array
+                for key, array in arrays.items()
+            }
+        )
+
     def _momentum_step(self, key: str, current: np.ndarray, delta: np.ndarray) -> np.ndarray:
         # Flower's (PyTorch's) convention: the pseudo-gradient is minus the update, and the
         # first round's momentum vector is that gradient itself.
@@ -107,6 +121,21 @@ class ServerOptimizer:
             gradient = gradient if previous is None else self.momentum * previous + gradient
             self.first[key] = gradient
         return current - self.learning_rate * gradient
+
+    def settings(self, proximal_mu: float = 0.0) -> str:
+        """The rule's hyper-parameters, for the strategy's log line (FedProx's are the nodes')."""
+        if self.rule == "fedprox":
+            return f": proximal mu {proximal_mu:g} on the nodes"
+        if self.rule == "fedavgm":
+            return f": server learning rate {self.learning_rate:g}, momentum {self.momentum:g}"
+        if self.rule in ("fedadam", "fedyogi"):
+            return (
+                f": server learning rate {self.learning_rate:g}, beta_1 {self.beta_1:g}, "
+                f"beta_2 {self.beta_2:g}, tau {self.tau:g}"
+            )
+        if self.rule == "fedadagrad":
+            return f": server learning rate {self.learning_rate:g}, tau {self.tau:g}"
+        return ""
 
     def state(self) -> dict[str, np.ndarray]:
         """The moments, by ``first/<array>`` and ``second/<array>`` (for a checkpoint)."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import strategy_in_round, train_reply
 from flwr.app import ArrayRecord, Message
+from helpers import strategy_in_round, train_reply
 
 from fl_app import aggregation
 from fl_app.aggregation import Combiner
@@ -104,10 +104,10 @@ def test_robust_settings_keep_the_honest_step(tmp_path, flwr_warnings, combiner)
         assert [line for line in lines if "rejected" in line] == [
             line for line in lines if f"rejected reply from node {SCALED}: update norm" in line
         ]
-        assert strategy._round["rejected_replies"] == 1
-        assert strategy._round["capped_claims"] == 1
+        assert strategy.record.entries()["rejected_replies"] == 1
+        assert strategy.record.entries()["capped_claims"] == 1
         expected = (9 * 50 * 0.1 + 500 * -0.1) / 950
         assert step == pytest.approx(expected, abs=0.002)
     else:
         assert step == pytest.approx(0.1, abs=0.02)
-        assert strategy._round["rejected_replies"] == 0
+        assert strategy.record.entries()["rejected_replies"] == 0

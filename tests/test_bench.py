@@ -10,13 +10,11 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import run_bench
+from helpers import REPO, run_script
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[1]
 COMPRESSIONS = ("none", "float16", "int8")
 ROWS = [
     "head-phase client time per train message",
@@ -32,7 +30,7 @@ ROWS = [
 @pytest.mark.slow
 def test_smallest_bench_prints_and_writes_every_row(tmp_path):
     out = tmp_path / "bench.json"
-    log = run_bench("client", tmp_path, "--smallest", "--json", str(out))
+    log = run_script("bench_client", tmp_path, "--smallest", "--json", str(out))
 
     result = json.loads(out.read_text())
     assert result["machine"]["cpu_count"] >= 1
@@ -53,7 +51,7 @@ def test_data_memory_bench_at_its_smallest_reports_finite_positive_numbers(tmp_p
     out = tmp_path / "data_memory.json"
     done = subprocess.run(
         [
-            *(sys.executable, "-m", "fl_app.cli", "bench", "data-memory"),
+            *(sys.executable, REPO / "scripts" / "measure_data_memory.py"),
             *("--images", "32", "64", "--input-size", "32", "--contrast"),
             *("--root", str(tmp_path / "images"), "--json", str(out)),
         ],
@@ -83,7 +81,7 @@ def test_data_memory_bench_at_its_smallest_reports_finite_positive_numbers(tmp_p
 @pytest.mark.slow
 def test_smallest_secagg_bench_under_client_dp_reports_both_phases(tmp_path):
     out = tmp_path / "secagg.json"
-    log = run_bench("secagg", tmp_path, "--smallest", "--dp-clip", "1.0", "--json", str(out))
+    log = run_script("secagg_cost", tmp_path, "--smallest", "--dp-clip", "1.0", "--json", str(out))
 
     result = json.loads(out.read_text())
     assert result["args"]["dp_clip"] == 1.0 and "dp=client with clip 1" in log

@@ -11,9 +11,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord
 
 from fl_app.config import RunConfig, defaults
+from fl_app.resume import check_resumable
 from fl_app.run_folder import CHECKPOINT, RunFolder, load_checkpoint
 from fl_app.schedule import TransferSchedule
-from fl_app.server_app import _check_resumable
 from fl_app.strategy import TransferFedAvg
 from fl_app.wire.exchange import ServerExchange
 
@@ -85,15 +85,15 @@ def test_resuming_with_another_model_or_data_is_refused_naming_the_key(tmp_path)
     (tmp_path / "config.json").write_text(
         json.dumps({"run_config": defaults(), "classes": ["a", "b"]})
     )
-    _check_resumable(config, ("a", "b"), tmp_path)  # the same: fine
+    check_resumable(config, ("a", "b"), tmp_path)  # the same: fine
     with pytest.raises(ValueError, match=r"input-size=64 is not allowed|with input-size=64"):
-        _check_resumable(
+        check_resumable(
             RunConfig.parse({**defaults(), "resume": str(tmp_path), "input-size": 64}),
             ("a", "b"),
             tmp_path,
         )
     with pytest.raises(ValueError, match=r"with classes=.*that run had classes=") as err:
-        _check_resumable(config, ("a", "c"), tmp_path)
+        check_resumable(config, ("a", "c"), tmp_path)
     assert "\n" not in str(err.value)
 
 

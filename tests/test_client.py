@@ -14,15 +14,15 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, message_metadata
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from helpers import REPO, message_metadata
 
 from fl_app import client_task
 from fl_app.cache import CACHE_ENV
 from fl_app.config import RunConfig
 from fl_app.data import CLASSES_KEY, PARTITION_FILE, load_node_data
 from fl_app.data.builtin import CLASS_NAMES
-from fl_app.model import features
+from fl_app.model import features, node_inputs
 from fl_app.model.classifier import build_model, is_head_variable, to_arrayrecord
 from fl_app.schedule import FINE_TUNE, HEAD
 from fl_app.wire.exchange import BASE, BASE_HASH, base_hash
@@ -222,7 +222,7 @@ def test_simulated_nodes_share_the_machines_activation_cache_across_actors(
     passes = []
     compute = features.predict_within
     monkeypatch.setattr(
-        client_task, "predict_within", lambda *a, **k: passes.append(1) or compute(*a, **k)
+        node_inputs, "predict_within", lambda *a, **k: passes.append(1) or compute(*a, **k)
     )
     simulated = {"partition-id": 1, "num-partitions": 2}  # no data-dir, no cache-dir
 
@@ -263,7 +263,7 @@ def test_bases_that_differ_only_in_the_head_share_the_activations(
     passes = []
     compute = features.predict_within
     monkeypatch.setattr(
-        client_task, "predict_within", lambda *a, **k: passes.append(1) or compute(*a, **k)
+        node_inputs, "predict_within", lambda *a, **k: passes.append(1) or compute(*a, **k)
     )
     here = {**node, "cache-dir": str(tmp_path)}
     other = ArrayRecord(

@@ -58,8 +58,11 @@ def test_fedprox_at_mu_zero_replies_exactly_what_fedavg_does(initial, node, feda
 
 @pytest.mark.parametrize(
     ("phase", "feature_cache"),
-    [(HEAD, True), (FINE_TUNE, False)],
-    ids=["head-on-cached-features", "fine-tune-full-model"],
+    [
+        pytest.param(HEAD, True, id="head-on-cached-features"),
+        # A full ResNet50 trained twice: ~15 s.
+        pytest.param(FINE_TUNE, False, id="fine-tune-full-model", marks=pytest.mark.e2e),
+    ],
 )
 def test_fedprox_keeps_the_trained_weights_closer_to_the_global_model(
     initial, node, phase, feature_cache

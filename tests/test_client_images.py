@@ -11,8 +11,8 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from conftest import message_metadata
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from helpers import message_metadata
 from image_trees import write_tree
 from test_client import RUN_CONFIG
 

@@ -25,6 +25,7 @@ from test_client import (
 )
 
 from fl_app import client_task
+from fl_app.model import node_models
 from fl_app.schedule import FINE_TUNE
 
 # `make test` runs these again with KERAS_BACKEND=jax.
@@ -70,7 +71,7 @@ def test_personalized_evaluation_scores_a_fine_tuned_head_and_changes_nothing(
     # Nothing the global evaluation uses moved: the arrays, the global head, the cache.
     for key, array in initial.items():
         np.testing.assert_array_equal(array.numpy(), received[key], err_msg=key)
-    head = client_task._head(RUN_CONFIG["backbone"], len(FASHION))
+    head = node_models.head(RUN_CONFIG["backbone"], len(FASHION))
     for variable in head.weights:
         np.testing.assert_array_equal(variable.numpy(), received[variable.path])
     assert cache_files(node) == files
@@ -98,7 +99,7 @@ def test_personalization_after_fine_tuning_pools_the_cached_conv4_output(
         raise AssertionError("the cached conv4 output was there: no image pass needed")
 
     # conv5 and pooling turn the cached conv4 output into the head's inputs.
-    monkeypatch.setattr(client_task, "_extractor", no_images)
+    monkeypatch.setattr(node_models, "extractor", no_images)
     from_conv4 = evaluate(initial, fresh, **EPOCHS)
     for key in PERSONAL:
         assert from_conv4[key] == pytest.approx(from_images[key], rel=1e-4, abs=1e-5), key

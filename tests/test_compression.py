@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import message_metadata
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -13,6 +12,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from helpers import message_metadata
 
 from fl_app.config import RunConfig, defaults
 from fl_app.wire.compression import RECORD, UPLOAD_ERROR, compression_mod, decode, encode

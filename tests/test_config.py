@@ -7,21 +7,15 @@ import sys
 import tomllib
 import zipfile
 
+import config_table
 import hydra
+import noniid
 import pytest
 from omegaconf import OmegaConf
 
-from benchmarks import noniid
-from fl_app.config import (
-    HDF5_SIGNATURE,
-    RunConfig,
-    defaults,
-    fields,
-    flower_key,
-    hydra_path,
-    markdown_table,
-)
-from fl_app.launch.experiment import CONF_DIR, check_config, precheck
+from fl_app.config import RunConfig, defaults, fields, flower_key
+from fl_app.launch.experiment import CONF_DIR, check_config, hydra_path, precheck
+from fl_app.values import HDF5_SIGNATURE
 
 PYPROJECT = CONF_DIR.parent / "pyproject.toml"
 # Every folder of conf/ with YAML files is a group; config.yaml's defaults list picks one
@@ -330,11 +324,9 @@ def test_printing_the_config_runs_nothing_and_exits_0(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-def test_the_readme_configuration_table_is_the_schema():
-    readme = (CONF_DIR.parent / "README.md").read_text()
-    assert markdown_table() in readme, (
-        "regenerate it: python -c 'import fl_app.config as c; print(c.markdown_table())'"
-    )
+def test_the_configuration_table_of_the_docs_is_the_schema():
+    _, table, _ = config_table.split_page(config_table.PAGE.read_text(encoding="utf-8"))
+    assert table == config_table.markdown_table(), f"regenerate it: {config_table.REGENERATE}"
 
 
 def test_config_launch_and_deploy_never_import_keras():

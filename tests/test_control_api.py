@@ -32,9 +32,10 @@ from pathlib import Path
 import pytest
 
 from fl_app.deploy import DeploymentError
-from fl_app.deploy.commands import check_control_host, connect
+from fl_app.deploy.checks import check_control_host
 from fl_app.deploy.local_federation import LocalFederation
 from fl_app.deploy.pki import make_node_keys
+from fl_app.deploy.start import connect
 from fl_app.launch.flower_cli import FlowerCLIError
 
 # Every `flwr` call of a device must fail fast: a hang would be a failure too.

@@ -232,6 +232,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.e2e
 @needs_fmnist
 def test_a_machine_decodes_and_partitions_once_and_its_processes_share_the_files(tmp_path):
     env = {**os.environ, CACHE_ENV: str(tmp_path)}

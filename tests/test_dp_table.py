@@ -1,14 +1,14 @@
-"""benchmarks/dp_table.py's arithmetic and bookkeeping, without a simulation."""
+"""scripts/dp_table.py's arithmetic and bookkeeping, without a simulation."""
 
 from __future__ import annotations
 
 import argparse
 import math
 
+import dp_table
 import numpy as np
 import pytest
 
-from benchmarks import dp_table
 from fl_app.privacy import noise_std
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import skimage.data
 
+from fl_app.backbones import EFFICIENTNET_LITE0
 from fl_app.config import RunConfig
-from fl_app.model import efficientnet_lite
-from fl_app.model.backbones import EFFICIENTNET_LITE0
+from fl_app.model import efficientnet_lite_weights, torch_checkpoint
 from fl_app.model.classifier import (
     ImagePreprocessing,
     backbone_of,
@@ -28,14 +28,11 @@ from fl_app.model.classifier import (
     to_arrayrecord,
     trainable_parameter_count,
 )
-from fl_app.model.efficientnet_lite import (
-    EfficientNetLite0,
-    checkpoint_path,
-    imagenet_weights_file,
-    read_torch_state_dict,
-)
+from fl_app.model.efficientnet_lite import EfficientNetLite0
+from fl_app.model.efficientnet_lite_weights import checkpoint_path, imagenet_weights_file
+from fl_app.model.initial import initial_model
+from fl_app.model.torch_checkpoint import read_torch_state_dict
 from fl_app.schedule import FINE_TUNE, HEAD
-from fl_app.server_app import initial_model
 
 NUM_CLASSES = 10
 LITE0 = EFFICIENTNET_LITE0.name
@@ -87,7 +84,7 @@ def test_the_unpickler_refuses_anything_but_tensors():
             return (print, ("pwned",))
 
     with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle builtins\.print"):
-        efficientnet_lite._RestrictedUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+        torch_checkpoint._RestrictedUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
 
 
 def test_converted_imagenet_classifier_labels_real_photos(tmp_path, monkeypatch):
@@ -194,7 +191,7 @@ def test_preprocessing_normalises_as_lite0_expects_and_old_configs_stay_resnet50
 
 def test_imagenet_weights_through_build_model_and_a_saved_lite0_model(tmp_path):
     pretrained = build_model(NUM_CLASSES, (28, 28, 1), 32, "imagenet", LITE0)
-    converted = efficientnet_lite.convert_checkpoint(checkpoint_path(), include_top=False)
+    converted = efficientnet_lite_weights.convert_checkpoint(checkpoint_path(), include_top=False)
     for a, b in zip(backbone_of(pretrained).get_weights(), converted.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import require_fashion_mnist
 from flwr.app import Array, ArrayRecord
+from helpers import require_fashion_mnist
 
+from fl_app.backbones import BACKBONES, EFFICIENTNET_LITE0, RESNET50
 from fl_app.config import RunConfig
 from fl_app.data import load_test_set, run_classes
 from fl_app.data.batches import Batches
 from fl_app.evaluation import CentralEvaluation
-from fl_app.model.backbones import BACKBONES, EFFICIENTNET_LITE0, RESNET50
 from fl_app.model.classifier import (
     build_model,
     compile_model,
@@ -82,6 +82,7 @@ def test_head_rounds_score_the_cached_features_exactly_and_pass_the_images_once(
     assert evaluation.frozen_passes == {POOLED: 1}
 
 
+@pytest.mark.e2e  # a full ResNet50 trained or run several times: ~15 s
 def test_fine_tune_rounds_keep_conv4s_output_and_a_moved_backbone_runs_the_whole_model(
     test_set,
 ):
@@ -106,6 +107,7 @@ def test_fine_tune_rounds_keep_conv4s_output_and_a_moved_backbone_runs_the_whole
     assert evaluation.frozen_passes == {POOLED: 2, cut.layer: 1}
 
 
+@pytest.mark.e2e  # a full ResNet50 trained or run several times: ~15 s
 def test_no_cache_and_activations_too_large_run_the_whole_model(test_set, caplog):
     model = _model(RESNET50.name, test_set)
     arrays = to_arrayrecord(model)

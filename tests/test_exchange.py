@@ -7,7 +7,6 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import TINY, log_lines, message_metadata
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -17,6 +16,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from helpers import TINY, log_lines, message_metadata
 
 from fl_app.model.classifier import build_model, trainable_keys
 from fl_app.schedule import FINE_TUNE, HEAD

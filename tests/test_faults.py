@@ -38,12 +38,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FinishedRun, log_lines, require_fashion_mnist
+from helpers import FinishedRun, log_lines, require_fashion_mnist
 from test_deployment import REPO, RUN_CONFIG, fl_app, one_error_line, recorded, run_app
 from test_processes import TREE
 
 from fl_app.data import prepare_node_dirs
-from fl_app.deploy.local_federation import LocalFederation, NodeProcess
+from fl_app.deploy.federation_state import NodeProcess
+from fl_app.deploy.local_federation import LocalFederation
 from fl_app.launch import processes
 from fl_app.launch.flower_cli import RunStatus
 from fl_app.launch.processes import ProcessRecord
@@ -433,7 +434,7 @@ def test_a_resumed_run_records_each_round_once(superlink_crash):
 def test_local_restart_and_down_through_the_command_line(federation):
     directory = federation.directory
     node = federation.node("node-0")
-    old_node, old_superlink = node.record, federation._superlink_record
+    old_node, old_superlink = node.record, federation.state.superlink_record
 
     started = time.monotonic()
     done = fl_app("local", "restart", "--dir", directory, "node-0")
@@ -449,7 +450,7 @@ def test_local_restart_and_down_through_the_command_line(federation):
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("reconnected") == 3, done.stdout
     federation.reload()
-    assert federation._superlink_record != old_superlink
+    assert federation.state.superlink_record != old_superlink
     assert processes.group(old_superlink) == []
     assert all_online(federation)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
+from fl_app.backbones import RESNET50
 from fl_app.data.split import Split
-from fl_app.model.backbones import RESNET50
 from fl_app.model.classifier import (
     build_head,
     build_model,
@@ -60,6 +60,7 @@ def test_training_on_cached_features_equals_training_the_full_model():
         np.testing.assert_allclose(variable.numpy(), trained[variable.path], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.e2e  # a full ResNet50 trained or run several times: ~15 s
 def test_training_conv5_on_cached_conv4_activations_equals_fine_tuning_the_full_model():
     rng = np.random.default_rng(2)
     x = rng.integers(0, 256, (48, 28, 28, 1), dtype=np.uint8)

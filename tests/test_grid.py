@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import pytest
-from conftest import message_metadata
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from helpers import message_metadata
 
 from fl_app import grid as grid_module
 from fl_app.grid import BACKOFF, FIRST_PULL, LONGEST_PULL, PromptGrid

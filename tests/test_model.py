@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from keras.applications import resnet50
 
-from fl_app.model.backbones import RESNET50
+from fl_app.backbones import RESNET50
 from fl_app.model.classifier import (
     STEPS_PER_EXECUTION,
     ImagePreprocessing,

@@ -27,9 +27,9 @@ from flwr.common.config import parse_config_args
 from test_client import context, message, round_config
 
 from fl_app import client_app, client_task, node_worker
-from fl_app.config import WARM_WORKER_KEY
 from fl_app.deploy.commands import node_config
 from fl_app.launch.processes import ProcessRecord
+from fl_app.node_worker import WARM_WORKER_KEY
 
 initial = test_client.initial
 node = test_client.node
@@ -64,6 +64,7 @@ def arrays_of(reply) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in reply.content["arrays"].items()}
 
 
+@pytest.mark.e2e
 def test_a_deployed_nodes_messages_go_to_one_warm_worker_and_get_the_same_replies(
     initial, deployed, tmp_path
 ):
@@ -98,6 +99,7 @@ def test_a_deployed_nodes_messages_go_to_one_warm_worker_and_get_the_same_replie
     )
 
 
+@pytest.mark.e2e
 def test_a_worker_that_ends_mid_message_is_replaced_and_the_message_runs_again(initial, deployed):
     # A stand-in worker at the node's address: it takes the message and ends unanswered.
     folder = node_worker.worker_dir(context(deployed))
@@ -123,6 +125,7 @@ def test_a_worker_that_ends_mid_message_is_replaced_and_the_message_runs_again(i
     assert reply.content["metrics"]["num-examples"] > 0
 
 
+@pytest.mark.e2e
 def test_what_the_task_raises_in_the_worker_is_raised_in_the_clientapp(initial, deployed):
     msg = message(initial, round_config())
     del msg.content["config"]["classes"]
@@ -157,6 +160,7 @@ def wait_ready(folder: Path, worker: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.e2e
 def test_the_worker_ends_with_the_process_that_started_it(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     worker = start_worker(tmp_path / "w", psutil.Process(sleeper.pid))
@@ -175,6 +179,7 @@ def test_the_worker_ends_with_the_process_that_started_it(tmp_path):
                 proc.wait()
 
 
+@pytest.mark.e2e
 def test_an_idle_worker_ends_and_gives_its_memory_back(tmp_path):
     worker = start_worker(tmp_path / "w", psutil.Process(), "--idle-timeout", "1")
     try:

@@ -1,6 +1,6 @@
-"""benchmarks/noniid.py: its sweep command, and its table and plot from a sweep folder on disk.
+"""scripts/noniid.py: its sweep command, and its table and plot from a sweep folder on disk.
 
-The sweep itself is `fl-app bench noniid` (see docs/noniid.md); the slow test runs a
+The sweep itself is `python scripts/noniid.py` (see docs/noniid.md); the slow test runs a
 two-job version of it end to end.
 """
 
@@ -11,11 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import noniid
 import pytest
 import yaml
 from matplotlib.image import imread
 
-from benchmarks import noniid
 from fl_app.launch.sweep import read_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,15 +109,12 @@ def test_a_job_without_the_groups_is_refused(sweep: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_bench_noniid_runs_a_small_sweep_end_to_end(tmp_path: Path) -> None:
-    """Two tiny jobs (IID and α = 0.5, FedAvg) through `fl-app bench noniid`."""
+    """Two tiny jobs (IID and α = 0.5, FedAvg) through `python scripts/noniid.py`."""
     jobs, out = tmp_path / "jobs", tmp_path / "out"
     done = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "fl_app.cli",
-            "bench",
-            "noniid",
+            REPO / "scripts" / "noniid.py",
             "--jobs",
             str(jobs),
             "--out",

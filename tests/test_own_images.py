@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import log_lines
+from helpers import log_lines
 from image_trees import CORRUPT_NAME, DEMO_CLASSES, write_tree
 
 from fl_app.config import RunConfig, defaults

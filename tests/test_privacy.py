@@ -11,14 +11,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import message_metadata, strategy_in_round, train_reply
 from dp_accounting.rdp import rdp_privacy_accountant
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from helpers import message_metadata, strategy_in_round, train_reply
 
 from fl_app import privacy
 from fl_app.config import RunConfig, defaults
+from fl_app.privacy import BudgetSpentError
 from fl_app.run_folder import load_checkpoint
-from fl_app.strategy import BudgetSpentError
 
 SHAPES = {"dense/kernel": (64, 32), "dense/bias": (32,)}
 
@@ -115,7 +115,7 @@ def test_every_update_is_clipped_and_the_average_is_uniform_over_the_sampled(tmp
     # Noise of std 1e-9 / 8: the step is the sum of the clipped updates over 8 (not 6).
     np.testing.assert_allclose(step, np.sum(clipped, axis=0) / 8, atol=1e-6)
     assert all(np.linalg.norm(c) <= 1.0 + 1e-9 for c in clipped)
-    record = strategy._round
+    record = strategy.record.entries()
     assert record["dp_clipped"] == sum(norm > 1.0 for norm in norms) == 5
     assert record["dp_epsilon"] == pytest.approx(privacy.epsilon(1e-9, 1, 1e-5))
     assert record["dp_noise_std"] == pytest.approx(1e-9 / 8)

@@ -12,10 +12,10 @@ import json
 import math
 
 import pytest
-from conftest import TINY, log_lines
+from helpers import TINY, log_lines
 
 from fl_app import privacy
-from fl_app.model.backbones import EFFICIENTNET_LITE0
+from fl_app.backbones import EFFICIENTNET_LITE0
 from fl_app.model.classifier import load_classifier
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import require_fashion_mnist
+from helpers import require_fashion_mnist
 
 from fl_app.deploy.local_federation import LocalFederation
 from fl_app.launch import processes

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import psutil
 import pytest
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 
 from fl_app.launch import processes
 from fl_app.model.classifier import build_model, to_arrayrecord

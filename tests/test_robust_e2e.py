@@ -30,7 +30,7 @@ import adversary
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, FinishedRun, log_lines
+from helpers import REPO, FinishedRun, log_lines
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import adversary
 import numpy as np
 import pytest
-from conftest import TINY, log_lines, message_metadata, strategy_in_round, train_metrics
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitRes, Parameters, Status
 from flwr.common.secure_aggregation.secaggplus_constants import (
@@ -26,20 +25,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     Key,
     Stage,
 )
+from helpers import TINY, log_lines, message_metadata, strategy_in_round, train_metrics
 
 from fl_app import privacy
 from fl_app.config import RunConfig, defaults
 from fl_app.model.classifier import build_model
 from fl_app.run_folder import load_checkpoint
-from fl_app.secagg import (
-    CLIPPED,
-    ROUND_RECORD,
-    SecAggPlusRound,
-    SecureResult,
-    checked_update,
-    secagg_mod,
-    secure_weight,
-)
+from fl_app.secagg import CLIPPED, ROUND_RECORD
+from fl_app.secagg.node import checked_update, secagg_mod, secure_weight
+from fl_app.secagg.protocol import SecAggPlusRound, SecureResult
 from fl_app.strategy import TransferFedAvg
 
 NODES = 4
@@ -227,7 +221,7 @@ def test_a_sound_unmasked_mean_steps_the_model_and_is_counted(tmp_path):
     for (key, before), delta in zip(sent.items(), step, strict=True):
         assert arrays[key].numpy().dtype == np.float32
         np.testing.assert_allclose(arrays[key].numpy(), before + delta, rtol=1e-6)
-    record = strategy._round
+    record = strategy.record.entries()
     assert record["model_updated"] and record["train_replies"] == 3
     assert record["secagg_dropped"] == 0 and record["secagg_clipped"] == 3
     assert strategy.wire.stats["bytes_received"] == 4000
@@ -264,7 +258,7 @@ def test_an_unmasked_mean_that_fails_its_check_keeps_the_previous_model(
     tmp_path, flwr_warnings, mean, failure, expected
 ):
     strategy, _, arrays = _secure_round(tmp_path, mean, failure)
-    assert arrays is None and strategy._round["model_updated"] is False
+    assert arrays is None and strategy.record.entries()["model_updated"] is False
     assert [r.getMessage() for r in flwr_warnings if expected in r.getMessage()], [
         r.getMessage() for r in flwr_warnings
     ]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fl_app.config import RunConfig
-from fl_app.server_app import initial_model
+from fl_app.model.initial import initial_model
 
 
 def test_none_is_random_init_and_a_weights_file_is_loaded(tmp_path):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import strategy_in_round, train_reply
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from helpers import strategy_in_round, train_reply
 
 from fl_app.run_folder import load_checkpoint
 from fl_app.server_opt import ServerOptimizer

@@ -8,7 +8,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import TINY, log_lines
+from helpers import TINY, log_lines
 
 from fl_app.data.builtin import load_builtin
 from fl_app.model.classifier import build_model

@@ -8,10 +8,10 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import TINY, log_lines
+from helpers import TINY, log_lines
 
+from fl_app.backbones import EFFICIENTNET_LITE0
 from fl_app.data.builtin import load_builtin
-from fl_app.model.backbones import EFFICIENTNET_LITE0
 from fl_app.model.classifier import backbone_of
 from fl_app.schedule import FINE_TUNE, HEAD
 

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import message_metadata
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -17,6 +16,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
+from helpers import message_metadata
 
 from fl_app.run_folder import RunFolder
 from fl_app.schedule import FINE_TUNE, HEAD, TransferSchedule
@@ -142,7 +142,7 @@ def test_malformed_reply_is_rejected_and_the_rest_aggregated(tmp_path, flwr_warn
     lines = [r.getMessage() for r in flwr_warnings]
     node = bad.metadata.src_node_id
     assert len(lines) == 1 and f"rejected reply from node {node}:" in lines[0], lines
-    assert strategy._round["rejected_replies"] == 1
+    assert strategy.record.entries()["rejected_replies"] == 1
 
 
 def test_too_few_valid_replies_keep_the_previous_model(tmp_path, flwr_warnings):
@@ -239,6 +239,7 @@ def test_replies_name_the_node_they_answer_for_and_silent_nodes_are_counted(
     lines = [r.getMessage() for r in flwr_warnings]
     assert any("rejected reply from node 7: client error 3" in line for line in lines), lines
     assert any("no reply from node(s) 9 within round-timeout" in line for line in lines), lines
-    assert strategy._round["missing_replies"] == 1 and strategy._round["rejected_replies"] == 1
+    record = strategy.record.entries()
+    assert record["missing_replies"] == 1 and record["rejected_replies"] == 1
     # Nodes 7 and 9 may have lost what they were sent: their bases go again.
     assert strategy.wire.held() == {8: "base"}

@@ -1,4 +1,4 @@
-"""`fl-app bench time-to-accuracy`: time to target and ratios from round records, and the
+"""scripts/time_to_accuracy.py: time to target and ratios from round records, and the
 benchmark end to end at its smallest size (two real `flwr run`s).
 
 Timings are never asserted (other processes share the cores): only that every number is
@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_bench
-
-from benchmarks.time_to_accuracy import (
+from helpers import run_script
+from time_to_accuracy import (
     AGAIN,
     BASELINE,
     OURS,
@@ -24,7 +23,7 @@ from benchmarks.time_to_accuracy import (
 
 
 def run(accuracy: list[float], round_time: list[float], wall_time: float) -> dict:
-    """What `benchmarks.bench.run_app` returns, as far as the summary reads it."""
+    """What `benchmarking.run_app` returns, as far as the summary reads it."""
     rounds = [
         {"round": n, "server_accuracy": a, "round_time": t}
         for n, (a, t) in enumerate(zip(accuracy, round_time, strict=True), start=1)
@@ -69,7 +68,7 @@ def test_a_baseline_that_never_reaches_the_target_gives_a_lower_bound():
 @pytest.mark.slow
 def test_smallest_time_to_accuracy_reports_both_runs_and_their_ratios(tmp_path):
     out = tmp_path / "time_to_accuracy.json"
-    log = run_bench("time-to-accuracy", tmp_path, "--smallest", "--json", str(out))
+    log = run_script("time_to_accuracy", tmp_path, "--smallest", "--json", str(out))
 
     result = json.loads(out.read_text())
     assert result["machine"]["cpu_count"] >= 1

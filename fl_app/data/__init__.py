@@ -20,21 +20,21 @@ from typing import NamedTuple
 import numpy as np
 from flwr.common import log
 
-from fl_app.config import (
-    DATASET_ALLOWED,
-    DATASETS,
-    HUB_ID,
-    NO_TEST_DATA,
-    OWN_TEST_SPLIT,
-    RunConfig,
-    is_path,
-    parse_classes,
-)
+from fl_app.config import RunConfig
 from fl_app.data import hub
 from fl_app.data.builtin import CLASS_NAMES, load_builtin
 from fl_app.data.images import FileSource, folder_classes, scan_class_folders, split_folders
 from fl_app.data.partition import shared_partitions, split_indices
 from fl_app.data.split import ArraySource, Source, Split
+from fl_app.values import (
+    DATASET_ALLOWED,
+    DATASETS,
+    HUB_ID,
+    NO_TEST_DATA,
+    OWN_TEST_SPLIT,
+    is_path,
+    parse_classes,
+)
 
 # The message ConfigRecord key of the run's class list (the server sends it every round).
 CLASSES_KEY = "classes"

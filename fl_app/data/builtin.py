@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fl_app.cache import MappedArrays, cache_root
-from fl_app.config import DATASETS
+from fl_app.values import DATASETS
 
 # Class names by label index, as each dataset's documentation gives them.
 CLASS_NAMES = {

@@ -14,7 +14,7 @@ from typing import IO
 import numpy as np
 
 from fl_app.cache import Codec, Store, cache_root
-from fl_app.config import PARTITIONERS
+from fl_app.values import PARTITIONERS
 
 # Row indices of partitionings (8 bytes a row): thousands of runs' worth.
 PARTITIONS_MAX_BYTES = 256 << 20

@@ -5,9 +5,11 @@ authentication, serving its Fleet (SuperNodes), Control (``flwr`` CLI) and
 Runtime (its own ServerApps) APIs on ONE loopback port, a Fleet gateway that
 serves the Fleet API alone to the devices, and any number of
 ``flower-supernode`` processes, each with its own key pair and data folder.
-`pki` makes the certificates and keys, `commands` checks inputs and builds and
-starts the command lines, `gateway` is the Fleet gateway, `local_federation`
-runs a whole federation on loopback, and `cli` is ``fl-app deploy`` and
+`pki` makes the certificates and keys, `checks` checks inputs and addresses,
+`commands` builds the command lines and `start` starts them, `gateway` is the
+Fleet gateway. `local_federation` runs a whole federation on loopback (its
+processes in `federation_processes`, its saved state in `federation_state`, its
+data folders from `node_data`). `cli` is ``fl-app deploy``, `local_cli`
 ``fl-app local``.
 """
 

@@ -143,20 +143,32 @@ def make_certificates(
     _refuse_existing(certs.files())
     names = _san_entries(hosts)
     now = datetime.datetime.now(datetime.UTC)
-    not_before = now - datetime.timedelta(minutes=5)
-    not_after = now + datetime.timedelta(days=days)
-
+    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days))
     ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = _ca_certificate(ca_key, validity)
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = _server_certificate(server_key, ca_key, ca_cert, names, validity)
+    certs.ca_cert.parent.mkdir(parents=True, exist_ok=True)
+    _write_new(certs.ca_key, _key_pem(ca_key), 0o600)
+    _write_new(certs.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write_new(certs.server_key, _key_pem(server_key), 0o600)
+    _write_new(certs.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return certs
+
+
+def _ca_certificate(
+    ca_key: ec.EllipticCurvePrivateKey, validity: tuple[datetime.datetime, datetime.datetime]
+) -> x509.Certificate:
+    """The self-signed CA certificate: it signs certificates, nothing else."""
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fl_app federation CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(ca_name)
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -172,20 +184,30 @@ def make_certificates(
             ),
             critical=True,
         )
-        .add_extension(ca_ski, critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA384())
     )
 
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    first = names[0].value
-    server_cert = (
+
+def _server_certificate(
+    server_key: ec.EllipticCurvePrivateKey,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    names: list[x509.GeneralName],
+    validity: tuple[datetime.datetime, datetime.datetime],
+) -> x509.Certificate:
+    """The SuperLink's TLS server certificate for ``names``, signed by the CA."""
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(first))]))
-        .issuer_name(ca_name)
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(names[0].value))]))
+        .issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -213,19 +235,13 @@ def make_certificates(
         .sign(ca_key, hashes.SHA384())
     )
 
-    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
 
-    certs.ca_cert.parent.mkdir(parents=True, exist_ok=True)
-    _write_new(certs.ca_key, key_pem(ca_key), 0o600)
-    _write_new(certs.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write_new(certs.server_key, key_pem(server_key), 0o600)
-    _write_new(certs.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return certs
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def certificate_hosts(cert_file: str | os.PathLike) -> list[str]:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import Field, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fl_app.config import DATASETS, METRICS_FILE, NO_TEST_DATA, RunConfig, flower_key, hydra_path
+from fl_app.config import LAUNCHER, RunConfig, flower_key
 from fl_app.config import fields as config_fields
 from fl_app.launch.flower_cli import (
     FlowerCLI,
@@ -40,6 +40,8 @@ from fl_app.launch.flower_cli import (
 )
 from fl_app.launch.local_superlink import LocalSuperLink
 from fl_app.launch.sweep import check_target_accuracy, summarize_sweep, summary_table
+from fl_app.run_folder import METRICS
+from fl_app.values import DATASETS, NO_TEST_DATA
 
 APP_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = APP_DIR / "conf"
@@ -69,6 +71,14 @@ class FederationConfig:
     address: str | None = None
     insecure: bool = False
     root_certificates: str | None = None
+
+
+def hydra_path(spec: Field) -> str | None:
+    """Where a run-config key lives in the Hydra config; ``None`` for the launcher's own keys."""
+    group, leaf = spec.metadata["group"], spec.metadata["leaf"] or spec.name
+    if group == LAUNCHER:
+        return None
+    return f"{group}.{leaf}" if group else leaf
 
 
 def experiment_schema() -> type:
@@ -310,7 +320,7 @@ def mark_metrics(run_dir: Path, status: str, failure: str) -> None:
     ValueError
         If ``metrics.json`` is there but not a JSON object (then it is left as it is).
     """
-    path = run_dir / METRICS_FILE
+    path = run_dir / METRICS
     written = _read_metrics(path)
     content = {"status": status, "failure": failure}
     if written is None:
@@ -324,7 +334,7 @@ def mark_metrics(run_dir: Path, status: str, failure: str) -> None:
 
 def _settle_metrics(run_dir: Path, outcome: str, failure: str) -> None:
     """Make ``metrics.json`` agree with Flower's final status of the run."""
-    path = run_dir / METRICS_FILE
+    path = run_dir / METRICS
     try:
         content = _read_metrics(path)
     except (OSError, ValueError) as err:  # not what the ServerApp writes: leave it be

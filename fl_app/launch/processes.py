@@ -377,6 +377,17 @@ def wait_until(
         time.sleep(interval)
 
 
+def describe(procs: Sequence[psutil.Process]) -> str:
+    """``PID 123 (flwr-clientapp), ...``: processes for a message."""
+    names = []
+    for proc in procs:
+        try:
+            names.append(f"PID {proc.pid} ({proc.name()})")
+        except psutil.Error:
+            names.append(f"PID {proc.pid}")
+    return ", ".join(names)
+
+
 def _name(proc: psutil.Process) -> str:
     if isinstance(proc, psutil.Popen):
         return Path(str(proc.args[0])).name

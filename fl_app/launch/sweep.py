@@ -23,7 +23,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fl_app.config import METRICS_FILE
+from fl_app.run_folder import METRICS
 
 COLUMNS = (
     "job",
@@ -275,7 +275,7 @@ def _fixed(text: str, digits: int) -> str:
 def _read_job(job_dir: Path) -> JobSummary:
     overrides = _load(job_dir / ".hydra" / "overrides.yaml", yaml.safe_load)
     status = _load(job_dir / "status.json", json.loads)
-    metrics = _load(job_dir / METRICS_FILE, json.loads)
+    metrics = _load(job_dir / METRICS, json.loads)
     if not isinstance(status, dict):
         status = {}
     if not isinstance(metrics, dict):

@@ -1,1 +1,1 @@
-"""The classifier: backbones, the head, and the cache of frozen activations."""
+"""Keras: the classifier and its backbones, the cache of frozen activations, a node's models."""

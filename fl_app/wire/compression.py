@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from fl_app.config import COMPRESSIONS
+from fl_app.values import COMPRESSIONS
 
 # The ConfigRecord that travels with compressed arrays and says how to decode them.
 RECORD = "compression"

@@ -5,7 +5,7 @@ Every run is a real `flwr run` simulation on its own local SuperLink, on the sam
 Fashion-MNIST partitions, start weights and rounds (all rounds train the head on
 the frozen backbone). Ratios compare runs of this one invocation:
 
-1. time per train message after round 1 inside our client vs ``benchmarks.baseline_client``
+1. time per train message after round 1 inside our client vs ``baseline_client.py``
    (Flower's quickstart-tensorflow style: a fresh model every message, every weight
    sent), and the whole round as the server sees it (the baseline's server, as the
    quickstart's, evaluates the full model on its test set every round);
@@ -19,8 +19,8 @@ the frozen backbone). Ratios compare runs of this one invocation:
 
 It prints a markdown table (value, baseline, ratio, target met) and writes JSON.
 
-Usage: fl-app bench client [--rounds 3 --examples 600 --input-size 32 --clients 100]
-       fl-app bench client --smallest     # CI size, ~3 min on 2 cores
+Usage: python scripts/bench_client.py [--rounds 3 --examples 600 --input-size 32 --clients 100]
+       python scripts/bench_client.py --smallest     # CI size, ~3 min on 2 cores
 """
 
 from __future__ import annotations
@@ -28,36 +28,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
 import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
+from benchmarking import (
+    GIB,
+    REPO,
+    baseline_app,
+    machine,
+    parse_with_smallest,
+    run_app,
+    save_start_weights,
+    write_report,
+)
 
-# Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import parse_with_smallest, write_report
+from fl_app.backbones import BACKBONES
 from fl_app.config import RunConfig
 from fl_app.data.split import Split
-from fl_app.launch.local_superlink import LocalSuperLink
-from fl_app.launch.processes import descendants
-from fl_app.model.backbones import BACKBONES
 
 if TYPE_CHECKING:
     import keras  # imported when needed: --help should not wait for TensorFlow
 
-REPO = Path(__file__).resolve().parents[1]
-GIB = 2**30
 COMPRESSIONS = ("none", "float16", "int8")
 QUICKSTART = "quickstart"
 # The quickstart's server: every weight sent every round, the full model evaluated.
@@ -75,111 +73,6 @@ SMALLEST = {
     "memory_rounds": 2,
     "repeats": 3,
 }
-
-
-class TreeRSS:
-    """Peak of the summed RSS of a process and all its descendants, sampled with psutil.
-
-    ``peak_by_name`` splits the peak by process name. With ``pss`` it sums each
-    process's proportional set size instead: a page shared by n processes (TensorFlow's
-    libraries, a memory-mapped file) counts 1/n in each, so once in the sum (Linux only).
-    """
-
-    def __init__(self, proc: psutil.Process, interval: float = 0.5, pss: bool = False) -> None:
-        self.proc = proc
-        self.interval = interval
-        self.pss = pss
-        self.peak = 0
-        self.peak_by_name: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def __enter__(self) -> TreeRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        while True:
-            by_name = self.sample()
-            if sum(by_name.values()) > self.peak:
-                self.peak, self.peak_by_name = sum(by_name.values()), by_name
-            if self._stop.wait(self.interval):
-                return
-
-    def sample(self) -> dict[str, int]:
-        """Bytes resident now by process name (RSS: shared pages count in each process)."""
-        by_name: dict[str, int] = {}
-        for proc in (self.proc, *descendants(self.proc)):
-            try:
-                rss = proc.memory_full_info().pss if self.pss else proc.memory_info().rss
-                name = proc.name()
-            except psutil.Error:
-                continue  # the process ended while we looked
-            by_name[name] = by_name.get(name, 0) + rss
-        return by_name
-
-
-def baseline_app(root: Path) -> Path:
-    """A copy of this app whose ClientApp is the quickstart-style baseline."""
-    app_dir = root / "baseline-app"
-    for package in ("fl_app", "benchmarks"):
-        shutil.copytree(
-            REPO / package, app_dir / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    ours = 'clientapp = "fl_app.client_app:app"'
-    pyproject = (REPO / "pyproject.toml").read_text()
-    if ours not in pyproject:
-        raise RuntimeError(f"pyproject.toml has no line {ours!r} to point at the baseline")
-    baseline = pyproject.replace(ours, 'clientapp = "benchmarks.baseline_client:app"')
-    (app_dir / "pyproject.toml").write_text(baseline)
-    return app_dir
-
-
-def run_app(
-    out: Path,
-    app_dir: Path,
-    run_config: Mapping[str, Any],
-    num_supernodes: int,
-    env: Mapping[str, str] | None = None,
-    federation: Mapping[str, Any] | None = None,
-    pss: bool = False,
-) -> dict[str, Any]:
-    """One run on a fresh local SuperLink: rounds, wall time, peak tree RSS (``peak_rss``).
-
-    With ``pss`` the peak is of PSS instead (``peak_pss``, see `TreeRSS`).
-
-    ``env`` is the environment of the SuperLink and all it starts (default: this
-    process's); ``federation`` adds simulation settings (``client-resources-num-cpus``...).
-    """
-    out.mkdir(parents=True)
-    log_file = out / "flower.log"
-    with LocalSuperLink(out / "flwr_home", env) as link, TreeRSS(link.proc, pss=pss) as rss:
-        started = time.monotonic()
-        run_id = link.cli.submit(
-            app_dir,
-            {**run_config, "results-dir": str(out / "run")},
-            {"num-supernodes": num_supernodes, **(federation or {})},
-            config_file=out / "run_config.toml",
-        )
-        with log_file.open("w") as log:
-            link.cli.follow(run_id, log)
-        status = link.cli.wait(run_id)
-        wall_time = time.monotonic() - started
-    if not status.completed:
-        tail = log_file.read_text()[-3000:]
-        raise RuntimeError(f"run {run_id} {status.status}: {status.details}\n{tail}")
-    rounds = json.loads((out / "run" / "metrics.json").read_text())["rounds"][1:]
-    measure = "pss" if pss else "rss"
-    return {
-        "rounds": rounds,
-        "wall_time": wall_time,
-        f"peak_{measure}": rss.peak,
-        f"peak_{measure}_by_process": rss.peak_by_name,
-    }
 
 
 def after_round_1(run: Mapping[str, Any], key: str) -> float:
@@ -352,46 +245,6 @@ def markdown(rows: list[Row]) -> str:
     """The rows as a markdown table."""
     header = ["| metric | value | baseline | ratio | target | met |", "|---|---|---|---|---|---|"]
     return "\n".join(header + [row.markdown() for row in rows])
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import flwr
-    import keras
-
-    # macOS has no CPU affinity: every CPU is usable there.
-    affinity = getattr(psutil.Process(), "cpu_affinity", lambda: None)()
-    return {
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(affinity) if affinity else os.cpu_count(),
-        "memory_gib": psutil.virtual_memory().total / GIB,
-        "load_average": os.getloadavg(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "flwr": flwr.__version__,
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
-    }
-
-
-def save_start_weights(
-    config: RunConfig, image_shape: tuple[int, ...], num_classes: int, path: Path
-) -> keras.Model:
-    """Build the ServerApp's initial model for ``config`` and save its weights to ``path``.
-
-    Runs that pass ``weights=<path>`` start from the same weights: a random init drawn
-    in each ServerApp may differ.
-
-    Returns
-    -------
-    keras.Model
-        The model whose weights were saved.
-    """
-    from fl_app.server_app import initial_model
-
-    model, _ = initial_model(config, image_shape, num_classes)
-    model.save_weights(path)
-    return model
 
 
 def variants(args: argparse.Namespace, sampled: int) -> dict[str, tuple[bool, dict[str, Any], int]]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What SecAgg+ costs a round: seconds and bytes, in the head and the fine-tune phase.
 
-Two real `flwr run` simulations from one start-weights file (``benchmarks.bench.run_app``),
+Two real `flwr run` simulations from one start-weights file (``benchmarking.run_app``),
 one plain and one with ``secure-aggregation=secagg+``: ``--head-rounds`` head rounds, then
 fine-tune rounds to ``--rounds``, every node sampled. Per phase it reports the server's
 round time (rounds after the first of the phase, which also pays for tracing and the
@@ -9,8 +9,8 @@ activation cache), and the bytes the nodes uploaded and were sent. (The error of
 secure mean against the plain one, a single round apart from training, is
 tests/test_secagg.py's: later rounds train on and amplify it.)
 
-Usage: fl-app bench secagg [--nodes 4 --rounds 4 --head-rounds 2] [--dp-clip 1.0]
-       fl-app bench secagg --smallest     # CI size
+Usage: python scripts/secagg_cost.py [--nodes 4 --rounds 4 --head-rounds 2] [--dp-clip 1.0]
+       python scripts/secagg_cost.py --smallest     # CI size
 """
 
 from __future__ import annotations
@@ -23,11 +23,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarking import (
+    REPO,
+    machine,
+    parse_with_smallest,
+    run_app,
+    save_start_weights,
+    write_report,
+)
 
-from benchmarks import parse_with_smallest, write_report
-from benchmarks.bench import REPO, machine, run_app, save_start_weights
 from fl_app.config import RunConfig, defaults
 from fl_app.data.builtin import CLASS_NAMES
 

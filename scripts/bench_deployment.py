@@ -17,7 +17,7 @@ prints a markdown table with ratios against the baseline, the start-up cost of
 a fresh ClientApp process (what a deployed message pays before any work), and
 writes JSON.
 
-Usage: fl-app bench deployment [--rounds 4 --head-rounds 2 --examples 600]
+Usage: python scripts/bench_deployment.py [--rounds 4 --head-rounds 2 --examples 600]
 """
 
 import argparse
@@ -30,15 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-# Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarking import REPO
 
 from fl_app.data import prepare_node_dirs
 from fl_app.deploy.local_federation import LocalFederation
 from fl_app.launch.flower_cli import FlowerCLI
 from fl_app.launch.local_superlink import LocalSuperLink
 
-REPO = Path(__file__).resolve().parents[1]
 # What a fresh process imports before it can work, cumulatively: Python, Flower's
 # ClientApp process, our ClientApp (the hand-over), the work itself (TensorFlow, Keras).
 FLOWER = "import flwr.supernode.cli.flwr_clientapp"

@@ -15,7 +15,7 @@ Writes ``results.json``, ``accuracy.png`` and ``table.md`` into ``--out`` (the r
 own folders, models included, go to ``--jobs``), and prints the table.
 ``--plot-only`` rebuilds the table and plot from an existing results.json.
 
-Usage: fl-app bench accuracy [--out docs/accuracy] [--rounds 5] ...
+Usage: python scripts/accuracy_report.py [--out docs/accuracy] [--rounds 5] ...
 """
 
 import argparse
@@ -25,10 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-# Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import REPO, run_launcher
+from benchmarking import REPO, run_launcher
 
 LITE0, RESNET50 = "efficientnet_lite0", "resnet50"
 

@@ -9,11 +9,11 @@ sweep summary (``summary.csv``, with the first round at 85 % server accuracy) is
 table; this script also writes it grouped by split (``table.md``), a plot with one panel
 per split (``noniid.png``) and the per-round numbers (``results.json``) into ``--out``.
 
-Usage: fl-app bench noniid [--out docs/noniid] [--jobs outputs/noniid] [override ...]
-       fl-app bench noniid --from outputs/noniid   (table and plot of a finished sweep)
+Usage: python scripts/noniid.py [--out docs/noniid] [--jobs outputs/noniid] [override ...]
+       python scripts/noniid.py --from outputs/noniid   (table and plot of a finished sweep)
 
 Extra ``key=value`` arguments are Hydra overrides for every job, for a quicker look:
-``fl-app bench noniid --splits iid --algorithms fedavg num_server_rounds=3``.
+``python scripts/noniid.py --splits iid --algorithms fedavg num_server_rounds=3``.
 """
 
 from __future__ import annotations
@@ -25,12 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-# Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarking import REPO
 from omegaconf import OmegaConf
 
-from benchmarks import REPO
 from fl_app.launch.experiment import CONF_DIR
 from fl_app.launch.sweep import JobSummary, read_sweep, summarize_sweep
 

@@ -17,7 +17,7 @@ images; peak RSS of the whole process (Python, TensorFlow, model, training). Wit
 ``--repeat N`` every case runs N times, the backbones alternating, and the fastest run
 counts (other processes on a shared machine only ever slow a run down).
 
-Usage: fl-app bench edge [--sizes 32 96] [--images 512] [--repeat 2] [--json out.json]
+Usage: python scripts/bench_edge.py [--sizes 32 96] [--images 512] [--repeat 2] [--json out.json]
 """
 
 import argparse
@@ -30,9 +30,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-# Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BACKBONES = ("resnet50", "efficientnet_lite0")
 MODES = ("inference", "frozen", "fine-tune")

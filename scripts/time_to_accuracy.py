@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Time to accuracy: our app against the quickstart-style baseline, in one invocation.
 
-Two real `flwr run` simulations (``benchmarks.bench.run_app``), each on its own local
+Two real `flwr run` simulations (``benchmarking.run_app``), each on its own local
 SuperLink, with the same IID Fashion-MNIST partitions, start weights (one file) and
 rounds, every round training the head on the frozen backbone for one local epoch: ours
-with fl_app's defaults, and the quickstart-style baseline (``benchmarks/baseline_client.py``:
+with fl_app's defaults, and the quickstart-style baseline (``baseline_client.py``:
 a fresh model every message, every weight sent both ways, and ``feature-cache=false``, so
 the server evaluates the full model on its test set every round). The defaults are the
 setting of ``conf/experiment/noniid.yaml`` with IID labels: EfficientNet-Lite0 from its
@@ -29,9 +29,9 @@ The tables: one row per run; the ratios baseline / ours of time to target (targe
 where our nodes and server compute the frozen part's output once); each round's time
 and accuracy. It also writes JSON.
 
-Usage: fl-app bench time-to-accuracy [--target 0.85 --rounds 4]   # the full setting
-       fl-app bench time-to-accuracy --backbone resnet50 --weights none
-       fl-app bench time-to-accuracy --smallest     # CI size, ~2 min on 2 cores
+Usage: python scripts/time_to_accuracy.py [--target 0.85 --rounds 4]   # the full setting
+       python scripts/time_to_accuracy.py --backbone resnet50 --weights none
+       python scripts/time_to_accuracy.py --smallest     # CI size, ~2 min on 2 cores
 """
 
 from __future__ import annotations
@@ -46,20 +46,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import parse_with_smallest, write_report
-from benchmarks.bench import (
-    QUICKSTART_SERVER,
+from bench_client import QUICKSTART_SERVER, after_round_1, final_accuracy
+from benchmarking import (
     REPO,
-    after_round_1,
     baseline_app,
-    final_accuracy,
     machine,
+    parse_with_smallest,
     run_app,
     save_start_weights,
+    write_report,
 )
+
 from fl_app.cache import CACHE_ENV
 from fl_app.config import RunConfig
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Many virtual clients on one machine: peak memory and round time by number of clients.
 
-One real `flwr run` simulation per ``--clients`` value (``benchmarks.bench.run_app``),
+One real `flwr run` simulation per ``--clients`` value (``benchmarking.run_app``),
 each on its own local SuperLink with a fresh machine cache: all 60,000 Fashion-MNIST
 training images split IID over the clients, ``--per-round`` of them sampled for training
 and for evaluation each round (all of them when there are fewer), every round training
@@ -17,8 +17,8 @@ the head for one local epoch. The Ray actors serve the nodes one message at a ti
 
 It prints a markdown table and writes JSON.
 
-Usage: fl-app bench scale [--clients 10 100 1000 --per-round 100 --rounds 3]
-       fl-app bench scale --smallest     # CI size, ~1 min on 2 cores
+Usage: python scripts/scale.py [--clients 10 100 1000 --per-round 100 --rounds 3]
+       python scripts/scale.py --smallest     # CI size, ~1 min on 2 cores
 """
 
 from __future__ import annotations
@@ -32,11 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarking import GIB, REPO, machine, parse_with_smallest, run_app, write_report
 
-from benchmarks import parse_with_smallest, write_report
-from benchmarks.bench import GIB, REPO, machine, run_app
 from fl_app.cache import CACHE_ENV
 
 # The issue's bound for 1,000 clients, 100 per round, on a 2-core 24 GiB machine.

@@ -22,7 +22,7 @@ L2 norm, would be as large as one clipped update ``C``: ``m = sqrt(d)·z``. Writ
 numbers to ``--out`` (default ``docs/dp_table.json``); ``--table-only`` reprints the
 table from it.
 
-Usage: fl-app bench dp [--nodes 20] [--examples 200] [--rounds 10] ...
+Usage: python scripts/dp_table.py [--nodes 20] [--examples 200] [--rounds 10] ...
 """
 
 from __future__ import annotations
@@ -38,10 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import REPO, run_launcher
+from benchmarking import REPO, run_launcher
 
 LITE0 = "efficientnet_lite0"
 CLEAN, CLIP_ONLY = "clean (dp=none)", "ε ≈ ∞ (clip only)"
@@ -142,7 +139,7 @@ def clip_from(clean: dict[str, Any]) -> float:
 
 def head_parameters(classes: int = 10) -> int:
     """Trainable parameters of the head on EfficientNet-Lite0's pooled features."""
-    from fl_app.model.backbones import BACKBONES
+    from fl_app.backbones import BACKBONES
     from fl_app.model.classifier import build_head, trainable_parameter_count
 
     return trainable_parameter_count(build_head(classes, BACKBONES[LITE0].features))

@@ -1,4 +1,4 @@
-"""A quickstart-style ClientApp: the baseline that ``benchmarks/bench.py`` measures ours against.
+"""A quickstart-style ClientApp: the baseline that ``bench_client.py`` measures ours against.
 
 It does what Flower's ``examples/quickstart-tensorflow`` ClientApp does: every
 message builds a fresh Keras model, loads every received weight, trains or

@@ -18,7 +18,7 @@ Streaming keeps the data-dependent memory at the activations (2048 float32 per i
 for ResNet50: 8 KB) instead of the images; ``--contrast`` adds what decoding every
 image into one uint8 array would take (arithmetic, not measured).
 
-Usage: fl-app bench data-memory [--images 1000 20000] [--input-size 32] [--contrast]
+Usage: python scripts/measure_data_memory.py [--images 1000 20000] [--input-size 32] [--contrast]
        [--root outputs/data-memory] [--json docs/data_memory.json]
 """
 
@@ -39,9 +39,8 @@ from typing import Any
 
 import numpy as np
 
-# Runnable from a checkout without installing fl_app.
+# Not benchmarking's: the measured node process imports this module, and nothing more.
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 IMAGE_PX = 256
 CLASSES = ("class a", "class b", "class c", "class d")
@@ -294,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dumps(
             {
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                "command": "fl-app bench data-memory "
+                "command": "python scripts/measure_data_memory.py "
                 + " ".join(
                     [f"--images {' '.join(map(str, sizes))}", f"--input-size {args.input_size}"]
                     + (["--contrast"] if args.contrast else [])

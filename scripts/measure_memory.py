@@ -5,17 +5,13 @@ Each case runs in its own process (peak RSS only grows): import TensorFlow/Keras
 build and compile the model in a phase, fit one epoch of 256 random 28x28 grey
 images at batch 32, print the process's peak RSS.
 
-Usage: fl-app bench memory [--sizes 32 96]
+Usage: python scripts/measure_memory.py [--sizes 32 96]
 """
 
 import argparse
 import resource
 import subprocess
 import sys
-from pathlib import Path
-
-# Runnable from a checkout without installing fl_app.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PHASES = ("cached-head", "head", "fine-tune")
 
@@ -24,7 +20,7 @@ def measure(phase: str, size: int) -> int:
     """Train once in this process; return its peak RSS in MB."""
     import numpy as np
 
-    from fl_app.model.backbones import RESNET50
+    from fl_app.backbones import RESNET50
     from fl_app.model.classifier import build_head, build_model, compile_model, set_phase
 
     rng = np.random.default_rng(0)
