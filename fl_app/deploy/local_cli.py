@@ -84,7 +84,7 @@ def up(
         )
     print(f"State: {fed.state_file}")
     print("\nSubmit runs (from the app folder):")
-    print(f"  FLWR_HOME={fed.flwr_home} flwr run . fl-app --stream")
+    print(f"  FLWR_HOME={fed.state.flwr_home} flwr run . fl-app --stream")
     print(
         f"  fl-app-experiment federation=deployment-tls federation.address={fed.address}"
         f" federation.root_certificates={fed.certs.ca_cert}"
@@ -140,7 +140,7 @@ def restart(
     if target == "superlink":
         outcome = fed.restart_superlink()
         assert fed.superlink is not None
-        print(f"SuperLink  pid {fed.superlink.pid}  {fed.address}  database {fed.database}")
+        print(f"SuperLink  pid {fed.superlink.pid}  {fed.address}  database {fed.state.database}")
         for node in fed.nodes:
             if node.name in outcome and node.proc is not None:
                 print(f"SuperNode  pid {node.proc.pid}  {node.name}  {outcome[node.name]}")
