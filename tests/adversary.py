@@ -89,7 +89,8 @@ def write_app(folder: Path, module: Path = Path(__file__)) -> Path:
         shutil.copy(source, folder / source.name)
     repo = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     project = {k: repo["project"][k] for k in ("version", "description", "license")}
-    flwr_app = repo["tool"]["flwr"]["app"]
+    # Its FAB holds these modules alone: the repository's fab-include names fl_app/.
+    flwr_app = {k: v for k, v in repo["tool"]["flwr"]["app"].items() if k != "fab-include"}
     pyproject = {
         # Its dependencies are fl_app, installed where the SuperLink runs ClientApps.
         "project": {**project, "name": "fl-app-adversary", "dependencies": []},
