@@ -25,10 +25,10 @@ FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 
 help:
 	@echo "make run        train: a local Flower simulation with the default run config"
-	@echo "make test       the full test suite (python -m pytest -q), then make test-jax, ~24 min on 2 cores"
+	@echo "make test       the full test suite (python -m pytest -q), then make test-jax, ~34 min on 2 cores"
 	@echo "make test-jax   the Message-level client tests on Keras' JAX backend (KERAS_BACKEND=jax python -m pytest -q -m jax), ~1.5 min"
-	@echo "make test-fast  the fast tier: pytest -m \"not e2e and not slow\" (no federation, no warm worker), ~5 min on 2 cores"
-	@echo "make test-faults  what make test leaves out: fault rehearsals, attack comparisons, benchmark smoke runs, equivalence runs, a SecAgg+ resume, ~20 min"
+	@echo "make test-fast  the fast tier: pytest -m \"not e2e and not slow\" (no federation, no warm worker), ~3.5 min on 2 cores"
+	@echo "make test-faults  what make test leaves out: fault rehearsals, attack comparisons, benchmark smoke runs, equivalence runs, a SecAgg+ resume, ~22 min"
 	@echo "make lint       ruff check and ruff format --check"
 	@echo "make stop       stop the local SuperLink that 'make run' left running"
 	@echo "make install    only the setup: .venv with pip install -e \".[dev]\""
